@@ -1,0 +1,28 @@
+"""Loads the compiled ops (sparse_attn._C), refusing a build made against another torch."""
+import torch
+
+_REBUILD = (
+    "Rebuild it against the installed torch from the source checkout:\n"
+    "    pip install --no-build-isolation --force-reinstall --no-deps ."
+)
+
+
+def load() -> None:
+    try:
+        from . import _build_info
+    except ImportError as e:
+        raise ImportError(f"sparse_attn is not built (no compiled extension found). {_REBUILD}") from e
+    # Compare before loading the library: a mismatched libtorch ABI fails with an undefined
+    # symbol at best and crashes at worst.
+    built, running = _build_info.TORCH_VERSION, torch.__version__
+    if built != running:
+        raise ImportError(
+            f"sparse_attn was built against torch {built} but torch {running} is installed. {_REBUILD}"
+        )
+    from . import _C  # noqa: F401  (registers torch.ops.sparse_attn.*)
+
+
+def cuda_kernels_built() -> bool:
+    from . import _build_info
+
+    return bool(_build_info.WITH_CUDA)
