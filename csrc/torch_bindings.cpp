@@ -256,19 +256,28 @@ bool check_kv_args(const char* op, const Tensor& k, const Tensor& v, const char*
   return indices.size(0) == B * H && H != 1;
 }
 
-std::string describe_index_row(const Tensor& indices, const std::optional<Tensor>& counts,
-                               int64_t r, int32_t code, int64_t max_count, int64_t indexed_len) {
-  std::ostringstream os;
-  if (code == kBadCount) {
-    os << "counts[" << r << "] = " << counts->select(0, r).item<int32_t>()
-       << " is out of range; expected 0 <= count <= " << max_count;
-  } else if (code == kIndexOutOfRange) {
-    os << "indices[" << r << "] holds a position outside [0, " << indexed_len << ")";
+// Validates every index row before anything is copied: a bad row never half-writes a cache.
+void check_kv_indices(const char* op, const KVCopyParams& prm, KVCopyKind kind,
+                      const Tensor& status, const std::optional<Tensor>& counts) {
+  if (status.is_cuda()) {
+    check_kv_indices_cuda(prm, kind, current_stream(status));
   } else {
-    os << "indices[" << r << "] is not strictly ascending in its first counts[" << r
-       << "] entries (as topp_select emits them)";
+    at::parallel_for(0, status.numel(), 1,
+                     [&](int64_t b, int64_t e) { check_kv_indices_cpu(prm, kind, b, e); });
   }
-  return os.str();
+  raise_on_bad_row(op, status, [&](int64_t r, int32_t code) {
+    std::ostringstream os;
+    if (code == kBadCount) {
+      os << "counts[" << r << "] = " << counts->select(0, r).item<int32_t>()
+         << " is out of range; expected 0 <= count <= " << kv_max_count(prm, kind);
+    } else if (code == kIndexOutOfRange) {
+      os << "indices[" << r << "] holds a position outside [0, " << kv_indexed_len(prm, kind) << ")";
+    } else {
+      os << "indices[" << r << "] is not strictly ascending in its first counts[" << r
+         << "] entries (as topp_select emits them)";
+    }
+    return os.str();
+  });
 }
 
 std::tuple<Tensor, Tensor> gather_kv(const Tensor& k, const Tensor& v, const Tensor& indices,
@@ -294,14 +303,12 @@ std::tuple<Tensor, Tensor> gather_kv(const Tensor& k, const Tensor& v, const Ten
   KVCopyParams prm{kc.data_ptr(), vc.data_ptr(), k_out.data_ptr(), v_out.data_ptr(),
                    ic.data_ptr<int32_t>(), cc.data_ptr<int32_t>(), status.data_ptr<int32_t>(),
                    B, H, L, C, N, D * static_cast<int64_t>(k.element_size()), per_head};
+  check_kv_indices(op, prm, KVCopyKind::kGather, status, counts);
   if (k.is_cuda()) {
     gather_kv_cuda(prm, current_stream(k));
   } else {
     at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) { gather_kv_cpu(prm, b, e); });
   }
-  raise_on_bad_row(op, status, [&](int64_t r, int32_t code) {
-    return describe_index_row(indices, counts, r, code, std::min(N, C), L);
-  });
   return {k_out, v_out};
 }
 
@@ -331,14 +338,12 @@ void scatter_kv(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor&
                    ic.data_ptr<int32_t>(), cc ? cc->data_ptr<int32_t>() : nullptr,
                    status.data_ptr<int32_t>(), B, H, T, C, N,
                    D * static_cast<int64_t>(k.element_size()), per_head};
+  check_kv_indices(op, prm, KVCopyKind::kScatter, status, counts);
   if (k_cache.is_cuda()) {
     scatter_kv_cuda(prm, current_stream(k_cache));
   } else {
     at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) { scatter_kv_cpu(prm, b, e); });
   }
-  raise_on_bad_row(op, status, [&](int64_t r, int32_t code) {
-    return describe_index_row(indices, counts, r, code, std::min(N, T), C);
-  });
 }
 
 }  // namespace

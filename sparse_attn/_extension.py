@@ -1,4 +1,6 @@
 """Loads the compiled ops (sparse_attn._C), refusing a build made against another torch."""
+from pathlib import Path
+
 import torch
 
 _REBUILD = (
@@ -19,7 +21,14 @@ def load() -> None:
         raise ImportError(
             f"sparse_attn was built against torch {built} but torch {running} is installed. {_REBUILD}"
         )
-    from . import _C  # noqa: F401  (registers torch.ops.sparse_attn.*)
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.sparse_attn.*)
+    except ImportError as e:
+        raise ImportError(
+            f"sparse_attn imported from {Path(__file__).parent} has no compiled extension: a source "
+            "checkout shadows the installed package (run from another directory) or the build "
+            f"failed. {_REBUILD}  (or `pip install --no-build-isolation -e .` to build in place)"
+        ) from e
 
 
 def cuda_kernels_built() -> bool:

@@ -91,12 +91,12 @@ def scatter_kv(
 
 
 @torch.library.register_fake("sparse_attn::cumulative_scores")
-def _cumulative_scores_fake(q, k, scale, causal, key_mask):
+def _cumulative_scores_fake(q, k, scale=None, causal=True, key_mask=None):
     return q.new_empty((q.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
 
 
 @torch.library.register_fake("sparse_attn::topp_select")
-def _topp_select_fake(scores, p, p_rows, valid_mask, keep_first, keep_last, candidate_mask):
+def _topp_select_fake(scores, p, p_rows=None, valid_mask=None, keep_first=0, keep_last=0, candidate_mask=None):
     return (
         scores.new_empty(scores.shape, dtype=torch.int32),
         scores.new_empty((scores.shape[0],), dtype=torch.int32),
@@ -104,7 +104,7 @@ def _topp_select_fake(scores, p, p_rows, valid_mask, keep_first, keep_last, cand
 
 
 @torch.library.register_fake("sparse_attn::gather_kv")
-def _gather_kv_fake(k, v, indices, counts, capacity):
+def _gather_kv_fake(k, v, indices, counts, capacity=None):
     if capacity is None:  # max(counts): known only at run time
         capacity = torch.library.get_ctx().new_dynamic_size()
     shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
@@ -112,7 +112,7 @@ def _gather_kv_fake(k, v, indices, counts, capacity):
 
 
 @torch.library.register_fake("sparse_attn::scatter_kv")
-def _scatter_kv_fake(k_cache, v_cache, k, v, indices, counts):
+def _scatter_kv_fake(k_cache, v_cache, k, v, indices, counts=None):
     return None
 
 

@@ -10,8 +10,9 @@
 //            count <= c < dst_len                   (src_len = L, dst_len = capacity)
 //   scatter: dst[b, h, idx[r, t]] = src[b, h, t]   for t < count    (in place; other slots kept)
 //
-// Both copy a key and a value tensor in one pass. Bad counts or indices set status[r] and the
-// row is not copied.
+// Both copy a key and a value tensor in one pass. The copies trust their index rows: the caller
+// first runs check_kv_indices (status per row) and copies only when every row is valid, so a bad
+// row never leaves a cache half-written.
 #pragma once
 
 #include "common.h"
@@ -25,17 +26,32 @@ struct KVCopyParams {
   void* dst_v;
   const int32_t* indices;  // [R, N]
   const int32_t* counts;   // [R] or nullptr
-  int32_t* status;         // [R] out, RowStatus
+  int32_t* status;         // [R] out, RowStatus (check_kv_indices)
   int64_t B, H;
   int64_t src_len, dst_len, n_indices;
   int64_t row_bytes;
   bool per_head;           // R == B * H
 };
 
-// Index rows [row_begin, row_end).
+enum class KVCopyKind : int32_t { kGather = 0, kScatter = 1 };
+
+// The bounds an index row must respect: indices into src (gather) or dst (scatter), and at most
+// min(N, dst_len) (gather) or min(N, src_len) (scatter) entries used.
+SA_HOST_DEVICE int64_t kv_indexed_len(const KVCopyParams& p, KVCopyKind kind) {
+  return kind == KVCopyKind::kGather ? p.src_len : p.dst_len;
+}
+SA_HOST_DEVICE int64_t kv_max_count(const KVCopyParams& p, KVCopyKind kind) {
+  const int64_t other = kind == KVCopyKind::kGather ? p.dst_len : p.src_len;
+  return p.n_indices < other ? p.n_indices : other;
+}
+
+// Index rows [row_begin, row_end): counts in range, indices in range and strictly ascending.
+void check_kv_indices_cpu(const KVCopyParams& params, KVCopyKind kind, int64_t row_begin,
+                          int64_t row_end);
 void gather_kv_cpu(const KVCopyParams& params, int64_t row_begin, int64_t row_end);
 void scatter_kv_cpu(const KVCopyParams& params, int64_t row_begin, int64_t row_end);
 
+void check_kv_indices_cuda(const KVCopyParams& params, KVCopyKind kind, void* stream);
 void gather_kv_cuda(const KVCopyParams& params, void* stream);
 void scatter_kv_cuda(const KVCopyParams& params, void* stream);
 
