@@ -9,8 +9,8 @@
 // Output: the kept positions of each row in ascending order, then -1; counts[r] = |S|.
 //
 // Algorithm (CPU and CUDA alike): non-negative floats order like their bits, so a radix search
-// over the 32 key bits (4 passes of 8 bits, histograms of *mass* per digit) finds the exact
-// threshold score T at which the greedy prefix crosses the target: every candidate with score > T
+// over the 32 key bits (histograms of *mass* per digit; CUDA: 4 digits of 8 bits, CPU: the same
+// for short rows, 12 + 10 + 10 bits for long ones) finds the exact threshold score T at which the greedy prefix crosses the target: every candidate with score > T
 // is kept, and among the candidates equal to T the lowest positions are kept until the target is
 // met. A final ascending scan over positions emits the indices.
 #pragma once
