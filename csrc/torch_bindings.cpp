@@ -232,7 +232,8 @@ std::tuple<Tensor, Tensor> topp_select(const Tensor& scores, double p,
 // Checks shared by gather and scatter; returns whether index rows are per head.
 bool check_kv_args(const char* op, const Tensor& k, const Tensor& v, const char* kv_names,
                    const Tensor& indices, const std::optional<Tensor>& counts) {
-  SA_CHECK(k.dim() == 4, op, ": ", kv_names, " must be [B, H, L, D], got shape ", shape_str(k));
+  SA_CHECK(k.dim() == 4 && k.size(3) > 0, op, ": ", kv_names,
+           " must be [B, H, L, D] with D > 0, got shape ", shape_str(k));
   SA_CHECK(v.sizes() == k.sizes(), op, ": ", kv_names, " must have the same shape, got ",
            shape_str(k), " and ", shape_str(v));
   SA_CHECK(v.scalar_type() == k.scalar_type(), op, ": ", kv_names,

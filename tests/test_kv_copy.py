@@ -153,7 +153,8 @@ def gather_args(device, **over):
         (dict(counts=torch.zeros(2, dtype=torch.int64)), "counts must be int32"),
         (dict(v=torch.randn(2, 3, 9, 4)), "k and v must have the same shape"),
         (dict(v=torch.randn(KV).half()), "k and v must have the same dtype"),
-        (dict(k=torch.randn(2, 3, 10)), r"k and v must be \[B, H, L, D\]"),
+        (dict(k=torch.randn(2, 3, 10)), r"k and v must be \[B, H, L, D\] with D > 0"),
+        (dict(k=torch.randn(2, 3, 10, 0), v=torch.randn(2, 3, 10, 0)), r"with D > 0, got shape \[2, 3, 10, 0\]"),
     ],
 )
 def test_gather_bad_input(device, over, match):

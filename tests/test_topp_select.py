@@ -229,3 +229,12 @@ def test_compiles_fullgraph(device, gen):
     compiled = torch.compile(lambda s: sparse_attn.topp_select(s, 0.9, keep_first=2), fullgraph=True)
     idx, cnt = compiled(scores)
     assert_selection_equivalent(idx, cnt, scores, 0.9, keep_first=2)
+
+
+def test_negative_zero_scores_are_zero(device):
+    # -0.0 passes validation (it is not negative) and must rank with the zeros, not above them
+    scores = torch.tensor([[-0.0, 0.25, 0.0, 0.75, -0.0]], device=device)
+    idx, cnt = sparse_attn.topp_select(scores, 0.9)
+    assert idx[0, : cnt.item()].tolist() == [1, 3]
+    idx, cnt = sparse_attn.topp_select(scores, 1.0)
+    assert cnt.item() == 5

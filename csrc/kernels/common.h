@@ -35,6 +35,7 @@ enum RowStatus : int32_t {
 // Non-negative finite floats order like their bit patterns read as unsigned integers, which is
 // what lets topp_select find its threshold by a radix search on the bits instead of sorting.
 SA_HOST_DEVICE uint32_t float_key(float x) {
+  x += 0.0f;  // -0.0 becomes +0.0: equal scores must get equal keys
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
   return u;
