@@ -6,11 +6,32 @@ Environment knobs:
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _nvcc_toolkit_root() -> str | None:
+    """The CUDA toolkit nvcc really runs from, as nvcc itself reports it (TOP=...)."""
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("#$ TOP=")), None)
+    return str(Path(top).resolve()) if top else None
+
+
+# torch guesses CUDA_HOME from the directory of `nvcc` on PATH; a wrapper or link such as
+# /usr/local/bin/nvcc makes that /usr/local, which has no CUDA headers. Ask nvcc instead.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and shutil.which("nvcc"):
+    root = _nvcc_toolkit_root()
+    if root:
+        os.environ["CUDA_HOME"] = root
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
 

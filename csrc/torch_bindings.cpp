@@ -15,8 +15,7 @@
 #include "kernels/topp_select.h"
 
 #ifdef SPARSE_ATTN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
 #endif
 
 // Importing sparse_attn._C loads this library and so registers the ops.
@@ -76,7 +75,7 @@ void raise_on_bad_row(const char* op, const Tensor& status, const std::function<
 
 void* current_stream(const Tensor& t) {
 #ifdef SPARSE_ATTN_WITH_CUDA
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 #else
   (void)t;
   SA_CHECK(false, "this build of sparse_attn has no CUDA kernels; rebuild with nvcc and a CUDA "
