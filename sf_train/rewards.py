@@ -1,0 +1,42 @@
+"""Sparsity Forcing's joint reward and GRPO's group-relative advantage (SPEC section 5).
+
+A group is the rollouts of one prompt, one per threshold p of the grid (multi-budget rollouts).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EFFICIENCY_GATES = ("group", "rollout")
+
+
+def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group") -> Tensor:
+    """r_i = r_correct_i + C * (1 - tau_i) for each rollout of each group.
+
+    correct: {0, 1} [n_groups, G]; token_ratio: tau in [0, 1], same shape.
+    gate "group" (the paper): C = 1 if any rollout of the group is correct, else 0 - an all-wrong
+    group gets no reward for pruning harder, which would push the model to empty answers.
+    gate "rollout": C = correct_i - only correct rollouts are rewarded for efficiency.
+    """
+    if gate not in EFFICIENCY_GATES:
+        raise ValueError(f"gate must be one of {EFFICIENCY_GATES}, got {gate!r}")
+    correct = correct.to(torch.float32)
+    if gate == "group":
+        c = correct.amax(dim=-1, keepdim=True)
+    else:
+        c = correct
+    return correct + c * (1.0 - token_ratio.to(torch.float32))
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """(r - mean) / (std + eps) within each group (row) of rewards [n_groups, G].
+
+    std is the sample standard deviation, as in TRL. A group whose rewards are all equal carries
+    no signal: its advantages are exactly 0 (not eps-amplified rounding noise). Returns the
+    advantages and a bool [n_groups] marking those zero-variance groups.
+    """
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    zero_variance = (rewards == rewards[..., :1]).all(dim=-1)
+    advantages = (rewards - mean) / (std + eps)
+    return torch.where(zero_variance[:, None], 0.0, advantages), zero_variance

@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from sf_train.loss import grpo_loss
+from sf_train.rewards import group_advantages, joint_rewards
+
+
+def test_joint_reward_group_gate():
+    correct = torch.tensor([[1, 0, 1], [0, 0, 0]])
+    tau = torch.tensor([[0.3, 0.5, 0.8], [0.2, 0.9, 0.5]])
+    r = joint_rewards(correct, tau)
+    # C = 1 in the first group (a correct rollout exists): a wrong rollout still earns 1 - tau;
+    # C = 0 in the all-wrong group: no reward for pruning harder.
+    torch.testing.assert_close(r, torch.tensor([[1.7, 0.5, 1.2], [0.0, 0.0, 0.0]]))
+
+
+def test_joint_reward_rollout_gate():
+    r = joint_rewards(torch.tensor([[1, 0]]), torch.tensor([[0.2, 0.4]]), gate="rollout")
+    torch.testing.assert_close(r, torch.tensor([[1.8, 0.0]]))
+    with pytest.raises(ValueError, match="gate must be one of"):
+        joint_rewards(torch.tensor([[1]]), torch.tensor([[0.1]]), gate="nope")
+
+
+def test_group_advantages():
+    adv, zero = group_advantages(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert zero.tolist() == [False, True]
+    adv, _ = group_advantages(torch.tensor([[0.0, 1.0]]), eps=1e-4)
+    s = math.sqrt(0.5)  # sample std of {0, 1}
+    torch.testing.assert_close(adv, torch.tensor([[-0.5 / (s + 1e-4), 0.5 / (s + 1e-4)]]))
+
+
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize("normalization,expect", [("grpo", 0.5), ("dapo", 0.8), ("dr_grpo", 4 / 6)])
+def test_loss_normalizations_on_policy(normalization, expect):
+    logp = torch.zeros(2, 3)
+    loss, stats = grpo_loss(logp, logp, None, torch.tensor([1.0, -2.0]), MASK, normalization=normalization)
+    torch.testing.assert_close(loss, torch.tensor(expect))
+    assert stats.clip_fraction == 0.0 and stats.kl == 0.0 and stats.ratio_mean == pytest.approx(1.0)
+
+
+def test_clipping():
+    logp_old = torch.zeros(1, 2)
+    logp = torch.full((1, 2), math.log(1.5))
+    mask = torch.ones(1, 2)
+    loss, stats = grpo_loss(logp, logp_old, None, torch.tensor([1.0]), mask, clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor(-1.2))  # positive advantage: ratio capped at 1.2
+    assert stats.clip_fraction == 1.0
+    loss, stats = grpo_loss(logp, logp_old, None, torch.tensor([-1.0]), mask, clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor(1.5))  # negative advantage: the pessimistic term
+    assert stats.clip_fraction == 0.0
+    loss, _ = grpo_loss(logp, logp_old, None, torch.tensor([1.0]), mask, clip_eps=0.2, clip_eps_high=0.28)
+    torch.testing.assert_close(loss, torch.tensor(-1.28))
+
+
+def test_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0]])
+    logp_ref = torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, stats = grpo_loss(logp, logp, logp_ref, torch.tensor([0.0]), mask, beta=0.5)
+    d = logp_ref - logp
+    kl = torch.exp(d) - d - 1
+    torch.testing.assert_close(loss, 0.5 * kl.mean())
+    assert stats.kl == pytest.approx(float(kl.mean()))
+
+
+def straightforward_loss(logp, logp_old, logp_ref, adv, mask, eps, beta, normalization, max_len):
+    """One token at a time, as the formulas read."""
+    N, T = logp.shape
+    per_seq, total, n_tokens = [], 0.0, 0
+    for i in range(N):
+        seq = []
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            ratio = torch.exp(logp[i, t] - logp_old[i, t])
+            surrogate = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+            kl = torch.exp(logp_ref[i, t] - logp[i, t]) - (logp_ref[i, t] - logp[i, t]) - 1
+            seq.append(-(surrogate - beta * kl))
+        per_seq.append(sum(seq) / max(len(seq), 1))
+        total = total + sum(seq)
+        n_tokens += len(seq)
+    if normalization == "grpo":
+        return sum(per_seq) / N
+    if normalization == "dapo":
+        return total / n_tokens
+    return total / (N * max_len)
+
+
+@pytest.mark.parametrize("normalization", ["grpo", "dapo", "dr_grpo"])
+def test_loss_gradient_matches_straightforward(normalization):
+    g = torch.Generator().manual_seed(0)
+    N, T = 4, 6
+    logp_old = -torch.rand(N, T, generator=g) * 3
+    logp_ref = -torch.rand(N, T, generator=g) * 3
+    base = logp_old + 0.3 * torch.randn(N, T, generator=g)
+    adv = torch.randn(N, generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor([[6], [3], [1], [5]])).float()
+    grads = []
+    for fn in ("ours", "straightforward"):
+        logp = base.clone().requires_grad_()
+        if fn == "ours":
+            loss, _ = grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps=0.2, beta=0.1,
+                                normalization=normalization, max_completion_length=8)
+        else:
+            loss = straightforward_loss(logp, logp_old, logp_ref, adv, mask, 0.2, 0.1, normalization, 8)
+        loss.backward()
+        grads.append((loss.detach(), logp.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert (grads[0][1][mask == 0] == 0).all(), "tokens after EOS get no gradient"
