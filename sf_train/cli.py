@@ -1,0 +1,138 @@
+"""sf-train / python -m sf_train: train, eval, and main (the embedded default end to end).
+
+  sf-train train [--config run.yaml] [--set key=value ...] [--resume]
+  sf-train eval  --model DIR [--p 0.975 1.0] [--samples 128] [--out report.json]
+  sf-train main  [--set key=value ...]   # base model -> measure -> Sparsity Forcing -> measure
+
+Runs unchanged under torchrun (one process per device; gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import SFConfig
+
+BASE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "base"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """key=value pairs; values are read as JSON when they parse (numbers, lists, null)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_config(args) -> SFConfig:
+    overrides = parse_overrides(args.set or [])
+    return SFConfig.from_file(args.config, **overrides) if args.config else SFConfig(**overrides)
+
+
+def load_models_and_task(config: SFConfig, model_dir: str | None = None):
+    """(policy, reference, TrainingTask). "embedded_vqa" uses the tiny VLM checkpoint; any other
+    task is "package.module:factory", factory(model_dir) -> (policy, reference, TrainingTask)."""
+    model_dir = model_dir or config.model
+    if config.task == "embedded_vqa":
+        from .datasets import embedded_vqa
+        from .tiny_vlm import load_checkpoint
+
+        policy, processor, _ = load_checkpoint(model_dir)
+        reference, _, _ = load_checkpoint(model_dir)
+        return policy, reference, embedded_vqa(processor)
+    module, _, factory = config.task.partition(":")
+    return getattr(importlib.import_module(module), factory)(model_dir)
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device_for_rank())
+
+
+def run_training(config: SFConfig, resume: bool = False):
+    from .trainer import SparsityForcingTrainer
+
+    torch.manual_seed(config.seed)
+    policy, reference, task = load_models_and_task(config)
+    trainer = SparsityForcingTrainer(config, policy, reference, task, device=device_for_rank())
+    if resume:
+        trainer.resume()
+    trainer.train()
+    if trainer.rank == 0:
+        save_final(policy, config.model, Path(config.out_dir) / "final")
+    return trainer
+
+
+def save_final(model, base_dir: str, out: Path) -> None:
+    """A checkpoint directory like the base one: its tokenizer / processor / config files, the
+    trained weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(base_dir).iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin"):
+            shutil.copy(f, out / f.name)
+    model.save_pretrained(out)
+
+
+def run_eval(config: SFConfig, model_dir: str, p_values, samples: int, out: str | None):
+    from .evaluate import evaluate, save_report
+
+    model, _, task = load_models_and_task(config, model_dir)
+    results = evaluate(model.to(device_for_rank()), task, config.policy, p_values, samples=samples,
+                       max_new_tokens=config.max_new_tokens)
+    if out:
+        save_report(results, out)
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="sf-train", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("train", "eval", "main"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", help="YAML or JSON file of SFConfig fields")
+        p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+        if name == "eval":
+            p.add_argument("--model", help="checkpoint directory (default: the config's model)")
+            p.add_argument("--p", type=float, nargs="+", help="thresholds (default: config eval_p)")
+            p.add_argument("--samples", type=int, help="held-out samples (default: config eval_samples)")
+            p.add_argument("--out", help="write the report as JSON here")
+    args = ap.parse_args(argv)
+    init_distributed()
+    config = load_config(args)
+    if args.command == "train":
+        run_training(config, resume=args.resume)
+    elif args.command == "eval":
+        results = run_eval(config, args.model or config.model, args.p or config.eval_p,
+                           args.samples or config.eval_samples, args.out)
+        print(json.dumps({str(p): r for p, r in results.items()}, indent=2))
+    else:
+        from .embedded_default import run_embedded_default
+
+        run_embedded_default(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Sparsity Forcing run configuration (one dataclass; YAML or JSON files override defaults)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sparse_attn.policy import TopPPolicy
+
+from .loss import NORMALIZATIONS
+from .rewards import EFFICIENCY_GATES
+
+
+def default_p_grid() -> tuple[float, ...]:
+    """The paper's multi-budget grid: p in [0.94, 0.975], step 0.005 (group size 8)."""
+    return tuple(round(0.94 + 0.005 * i, 3) for i in range(8))
+
+
+@dataclass
+class SFConfig:
+    # what to train
+    model: str = "sf_train/checkpoints/base"  # checkpoint directory
+    task: str = "embedded_vqa"
+    out_dir: str = "runs/sparsity_forcing"
+    seed: int = 0
+    # multi-budget rollouts
+    steps: int = 40
+    prompts_per_step: int = 8  # over all ranks; each prompt gets one rollout per p
+    p_grid: tuple[float, ...] = field(default_factory=default_p_grid)
+    deploy_p: float = 0.975  # the grid's upper bound, fixed at deployment
+    temperature: float = 1.0
+    max_new_tokens: int = 4
+    # top-p cache (TopPPolicy fields other than p)
+    n_probe: int = 64
+    keep_first: int = 4
+    keep_last: int = 16
+    granularity: str = "layer"
+    prune: str = "all"
+    # reward and objective
+    efficiency_gate: str = "group"  # "group": the paper's C; "rollout": only correct rollouts
+    advantage_eps: float = 1e-4
+    beta: float = 0.04
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    normalization: str = "grpo"
+    inner_epochs: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # bookkeeping
+    save_every: int = 10
+    eval_samples: int = 128
+    eval_p: tuple[float, ...] = (0.975, 1.0)
+
+    def __post_init__(self):
+        self.p_grid = tuple(float(p) for p in self.p_grid)
+        self.eval_p = tuple(float(p) for p in self.eval_p)
+        for name in ("p_grid", "eval_p"):
+            bad = [p for p in getattr(self, name) if not 0.0 < p <= 1.0]
+            if bad or not getattr(self, name):
+                raise ValueError(f"SFConfig.{name} must be a non-empty list of p in (0, 1], got {getattr(self, name)}")
+        if len(self.p_grid) < 2:
+            raise ValueError("SFConfig.p_grid needs at least 2 thresholds: GRPO compares rollouts within a group")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"SFConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.efficiency_gate not in EFFICIENCY_GATES:
+            raise ValueError(f"SFConfig.efficiency_gate must be one of {EFFICIENCY_GATES}, got {self.efficiency_gate!r}")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "inner_epochs", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"SFConfig.temperature must be > 0 (rollouts sample), got {self.temperature}")
+        self.policy(self.deploy_p)  # TopPPolicy validates the cache fields
+
+    def policy(self, p: float) -> TopPPolicy:
+        return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
+                          granularity=self.granularity, reselect_every=0, prune=self.prune)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "SFConfig":
+        """A config from YAML (.yaml / .yml) or JSON, then keyword overrides."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown SFConfig fields in {path}: {sorted(unknown)}")
+        return cls(**{**values, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,44 @@
+"""What the trainer needs from a dataset, and the embedded synthetic VQA task in that form."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class TrainingTask:
+    """A dataset of (prompt, checkable answer) for Sparsity Forcing.
+
+    samples(split, start, count): deterministic samples ("train" / "heldout"), so every rank and
+        a resumed run see the same data; encode(samples): left-padded model inputs of their
+        prompts; prompt / answer: text of a sample; is_correct(prompt, completion, answer) -> 0/1;
+        decode(token ids [B, T]) -> texts.
+    """
+
+    name: str
+    samples: Callable[[str, int, int], list]
+    encode: Callable[[list], Any]
+    prompt: Callable[[Any], str]
+    answer: Callable[[Any], str]
+    is_correct: Callable[[str, str, str], int]
+    decode: Callable[[Any], list[str]]
+    eos_token_id: int
+    pad_token_id: int
+
+
+def embedded_vqa(processor) -> TrainingTask:
+    """The synthetic visual QA world (sf_train.task) read by the tiny VLM's processor."""
+    from . import task, tiny_vlm
+
+    tokenizer = processor.tokenizer
+    return TrainingTask(
+        name="embedded_vqa",
+        samples=task.make_samples,
+        encode=lambda samples: tiny_vlm.encode_prompts(processor, samples),
+        prompt=lambda s: s.question.text,
+        answer=lambda s: s.answer,
+        is_correct=task.is_correct,
+        decode=lambda ids: processor.batch_decode(ids, skip_special_tokens=True),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )

@@ -1,0 +1,87 @@
+"""Rollouts through the deployment pipeline: generate with a TopPCache at a threshold p."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import GenerationConfig
+
+from sparse_attn.cache import TopPCache
+from sparse_attn.policy import TopPPolicy
+
+from .replay import LayerSelection, recorded_selections
+
+# Model inputs whose first axis is not the batch (Qwen-VL flattens the patches of all images).
+_PATCH_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
+@dataclass
+class Rollouts:
+    """One completion per prompt of a batch, decoded with one TopPCache threshold ``p``."""
+
+    p: float
+    completions: Tensor  # int64 [B, T], pad after EOS
+    mask: Tensor  # float [B, T]: 1 for completion tokens up to and including EOS
+    logp: Tensor | None  # float [B, T]: log-probs the tokens were sampled with (None if greedy)
+    token_ratio: Tensor  # float [B]: tau of each rollout
+    visual_token_ratio: float | None
+    layer_ratios: list[float]
+    selections: list[LayerSelection]  # per layer: the prompt tokens kept
+
+
+def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
+    """1 up to and including the first EOS of each row, 0 after it."""
+    is_eos = completions == eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+def sampled_logp(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """log pi(token) under the sampling distribution softmax(logits / temperature)."""
+    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def repeat_inputs(inputs: dict, times: int) -> dict:
+    """The batch of prompts ``times`` over (row-block order), for a batch of rollouts."""
+    out = {}
+    for name, value in inputs.items():
+        if not isinstance(value, Tensor):
+            out[name] = value
+        elif name in _PATCH_INPUTS:
+            out[name] = torch.cat([value] * times)
+        else:
+            out[name] = value.repeat(times, *[1] * (value.dim() - 1))
+    return out
+
+
+@torch.no_grad()
+def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos_token_id: int,
+            pad_token_id: int, temperature: float | None) -> Rollouts:
+    """Decode every prompt of ``inputs`` (left-padded) once through a TopPCache with ``policy``.
+
+    temperature None decodes greedily (evaluation); otherwise tokens are sampled from
+    softmax(logits / temperature) and their log-probs kept for the policy-gradient ratio.
+    """
+    cache = TopPCache(policy, reserve=max_new_tokens)
+    sample = temperature is not None
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, output_logits=sample, return_dict_in_generate=True,
+    )
+    out = model.generate(**inputs, past_key_values=cache, generation_config=generation)
+    P = inputs["input_ids"].shape[1]
+    completions = out.sequences[:, P:]
+    logp = sampled_logp(torch.stack(out.logits, dim=1), completions, temperature) if sample else None
+    return Rollouts(
+        p=policy.p,
+        completions=completions,
+        mask=completion_mask(completions, eos_token_id),
+        logp=logp,
+        token_ratio=cache.row_token_ratios.to(torch.float32),
+        visual_token_ratio=cache.visual_token_ratio,
+        layer_ratios=cache.layer_ratios,
+        selections=recorded_selections(cache, P),
+    )

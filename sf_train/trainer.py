@@ -1,0 +1,243 @@
+"""The Sparsity Forcing loop: multi-budget rollouts -> joint reward -> GRPO update (SPEC section 5).
+
+One step: each prompt is decoded once per threshold p of the grid through a TopPCache (the
+deployment pipeline), each rollout is scored r = correct + C * (1 - tau), advantages are
+normalised within the prompt's group, and the policy is updated with the clipped surrogate +
+beta * KL to the dense reference, its forward replaying each rollout's recorded selections.
+
+Distributed: under torchrun every rank takes its own prompts (a group never spans ranks, so
+group statistics are local), gradients are averaged by DDP, and logged metrics are averaged
+over ranks.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import SFConfig
+from .datasets import TrainingTask
+from .loss import grpo_loss
+from .replay import REPLAY_ATTENTION, concat_selections, replaying
+from .rewards import group_advantages, joint_rewards
+from .rollout import Rollouts, repeat_inputs, rollout, sampled_logp
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if world()[1] == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world()[1] for k, v in zip(keys, t)}
+
+
+def pad_right(x: Tensor, length: int, value) -> Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+@dataclass
+class TrainingBatch:
+    """The rollouts of one step as one batch of [prompt + completion] sequences (p-major)."""
+
+    inputs: dict  # model inputs of the full sequences
+    completions: Tensor  # [N, T]
+    mask: Tensor  # [N, T]
+    logp_old: Tensor  # [N, T]
+    advantages: Tensor  # [N]
+    prompt_length: int
+    selections: list
+
+
+def completion_logp(model, inputs: dict, completions: Tensor, prompt_length: int, temperature: float):
+    """(log-probs [N, T] of the completion tokens, entropy [N, T] of their distributions)."""
+    logits = model(**inputs).logits
+    T = completions.shape[1]
+    logits = logits[:, prompt_length - 1 : prompt_length - 1 + T].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class SparsityForcingTrainer:
+    def __init__(self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"):
+        self.config, self.task, self.device = config, task, torch.device(device)
+        self.rank, self.world_size = world()
+        if config.prompts_per_step % self.world_size:
+            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks")
+        self.policy = policy_model.to(self.device)
+        self.reference = reference_model.to(self.device).eval().requires_grad_(False)
+        # Rollouts decode through the TopPCache; the training forward replays their selections.
+        import sparse_attn.attention  # noqa: F401  (registers the sparse_topp attention)
+
+        self.policy.set_attn_implementation(REPLAY_ATTENTION)
+        self.trained = self.policy
+        if self.world_size > 1:
+            self.trained = torch.nn.parallel.DistributedDataParallel(self.policy)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.step = 0
+        self.out_dir = Path(config.out_dir)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def rollouts(self, inputs) -> list[Rollouts]:
+        """One rollout per prompt and threshold, all through the deployment cache."""
+        from sparse_attn.attention import enable
+
+        enable(self.policy)
+        self.policy.eval()
+        try:
+            return [
+                rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
+                        eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
+                        temperature=self.config.temperature)
+                for p in self.config.p_grid
+            ]
+        finally:
+            self.policy.set_attn_implementation(REPLAY_ATTENTION)
+            self.policy.train()
+
+    def train_step(self) -> dict[str, float]:
+        cfg, task = self.config, self.task
+        per_rank = cfg.prompts_per_step // self.world_size
+        samples = task.samples("train", (self.step * self.world_size + self.rank) * per_rank, per_rank)
+        inputs = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in task.encode(samples).items()}
+
+        started = time.perf_counter()
+        groups = self.rollouts(inputs)
+        rollout_seconds = time.perf_counter() - started
+
+        texts = [task.decode(g.completions) for g in groups]  # [G][B]
+        correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
+                                 for g in range(len(groups))] for b, s in enumerate(samples)])  # [B, G]
+        tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()  # [B, G]
+        rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate)
+        advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
+
+        batch = self.training_batch(inputs, groups, advantages)
+        with torch.no_grad():
+            logp_ref, _ = completion_logp(self.reference, batch.inputs, batch.completions, batch.prompt_length, cfg.temperature)
+        for _ in range(cfg.inner_epochs):
+            with replaying(batch.selections, batch.prompt_length):
+                logp, entropy = completion_logp(self.trained, batch.inputs, batch.completions, batch.prompt_length, cfg.temperature)
+            loss, stats = grpo_loss(
+                logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, normalization=cfg.normalization,
+                max_completion_length=cfg.max_new_tokens,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+        self.step += 1
+
+        n_tokens = float(batch.mask.sum())
+        metrics = {
+            "loss": loss.item(),
+            "reward": float(rewards.mean()),
+            "accuracy": float(correct.float().mean()),
+            "token_ratio": float(tau.mean()),
+            "kl": stats.kl,
+            "clip_fraction": stats.clip_fraction,
+            "entropy": float((entropy.detach() * batch.mask).sum() / max(n_tokens, 1.0)),
+            "grad_norm": float(grad_norm),
+            "zero_variance_groups": float(zero_variance.float().mean()),
+            "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
+        }
+        for g, group in enumerate(groups):
+            metrics[f"accuracy@{group.p}"] = float(correct[:, g].float().mean())
+            metrics[f"token_ratio@{group.p}"] = float(tau[:, g].mean())
+        for layer, ratio in enumerate(np.mean([g.layer_ratios for g in groups], axis=0)):
+            metrics[f"layer_retention/{layer}"] = float(ratio)
+        return {"step": self.step, **mean_over_ranks(metrics)}
+
+    def training_batch(self, inputs: dict, groups: list[Rollouts], advantages: Tensor) -> TrainingBatch:
+        """[prompt + completion] sequences of all rollouts, p-major (row g * B + b)."""
+        G, P = len(groups), inputs["input_ids"].shape[1]
+        T = max(g.completions.shape[1] for g in groups)
+        completions = torch.cat([pad_right(g.completions, T, self.task.pad_token_id) for g in groups])
+        full = repeat_inputs(inputs, G)
+        full["input_ids"] = torch.cat([full["input_ids"], completions], dim=1)
+        # As during generation: every decoded position is attended (padding after EOS is never
+        # seen by an earlier token, and its own outputs are masked out of the loss).
+        full["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(completions)], dim=1)
+        return TrainingBatch(
+            inputs=full,
+            completions=completions,
+            mask=torch.cat([pad_right(g.mask, T, 0.0) for g in groups]),
+            logp_old=torch.cat([pad_right(g.logp, T, 0.0) for g in groups]),
+            advantages=advantages.t().reshape(-1).to(self.device),  # [B, G] -> p-major rows
+            prompt_length=P,
+            selections=concat_selections([g.selections for g in groups]),
+        )
+
+    # --- the loop, checkpoints -----------------------------------------------------------------
+
+    def train(self, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        history = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress or self.rank != 0, desc="sparsity forcing")
+        while self.step < self.config.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.rank == 0:
+                with open(self.out_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                                tau=f"{metrics['token_ratio']:.3f}", kl=f"{metrics['kl']:.4f}")
+            bar.update(1)
+            if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+        bar.close()
+        return history
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+        tmp = self.out_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.out_dir / CHECKPOINT_FILE)  # never leave a half-written checkpoint
+
+    def resume(self) -> None:
+        """Continue exactly where the checkpoint in out_dir stopped (weights, optimizer, RNG, step)."""
+        state = torch.load(self.out_dir / CHECKPOINT_FILE, weights_only=False)
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]
+        metrics = self.out_dir / METRICS_FILE
+        if self.rank == 0 and metrics.exists():  # drop lines logged after the checkpoint
+            lines = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= self.step]
+            metrics.write_text("".join(l + "\n" for l in lines))

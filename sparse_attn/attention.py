@@ -1,0 +1,139 @@
+"""The "sparse_topp" attention function for transformers, and ``enable(model, policy)``.
+
+With a TopPCache behind the call, the prefill attention is dense and exact (SDPA, FlashAttention-2
+first on GPU) and is followed by the layer's top-p selection; later calls attend only to the
+compact cache. Without one (no cache, a DynamicCache, a vision tower) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import TopPCache, take_pending_cache
+from .policy import TopPPolicy
+
+ATTENTION_NAME = "sparse_topp"
+# Dense attention prefers FlashAttention-2 (some torch versions rank cuDNN first on Hopper) and
+# still falls back when it does not apply (e.g. a padding mask).
+FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_VISUAL_TOKEN_ID_FIELDS = ("image_token_id", "video_token_id")
+
+
+def sparse_topp_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: [B, Hq, T, D] queries -> ([B, T, Hq, D] output, None)."""
+    cache = take_pending_cache(getattr(module, "layer_idx", None))
+    if cache is None:
+        return _dense_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    layer_idx = module.layer_idx
+    layer = cache.layers[layer_idx]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if layer.is_compact:
+        # transformers' mask indexes the logical sequence; the compact rows need their own.
+        output = compact_attention(query, key, value, layer.lengths, scale, dropout)
+        cache.after_decode_attention(layer_idx, query, scale)
+        return output, None
+    output, _ = _dense_attention(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    cache.select_after_prefill(layer_idx, query, _key_validity(attention_mask), scale)
+    return output, None
+
+
+def compact_attention(
+    query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, scale: float, dropout: float = 0.0
+) -> Tensor:
+    """Attention of T new queries over compact rows that end with the T new tokens.
+
+    query: [B, Hq, T, D]; key / value: [B, Hkv, S, D]; lengths: [B, Hkv], tokens held by each
+    row (the T new ones included). Returns [B, T, Hq, D].
+    """
+    B, Hq, T, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    g = Hq // Hkv
+    # Fold each GQA group's query heads into the query axis: one attention per KV head, which
+    # reads its keys once (no repeat_kv) and takes that head's own row length.
+    folded = query.reshape(B, Hkv, g * T, D)
+    # Query t sees the slots of its row before index length - (T - 1 - t): causal among the new.
+    ends = lengths[..., None] - (T - 1 - torch.arange(T, device=query.device))  # [B, Hkv, T]
+    visible = torch.arange(S, device=query.device) < ends[..., None]  # [B, Hkv, T, S]
+    if T > 1:
+        visible = visible.repeat(1, 1, g, 1)  # folded rows are (group member, t)
+    output = F.scaled_dot_product_attention(
+        folded, key, value, attn_mask=visible, dropout_p=dropout, scale=scale
+    )
+    return output.view(B, Hq, T, D).transpose(1, 2)
+
+
+def _dense_attention(module, query, key, value, attention_mask, **kwargs):
+    if not query.is_cuda:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with sdpa_kernel(FLASH_FIRST, set_priority=True):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _key_validity(attention_mask: Tensor | None) -> Tensor | None:
+    """bool [B, L] (False at padding) from the prefill's 4D mask: the last query sees every
+    non-padding key. None when there is no mask (no padding)."""
+    if attention_mask is None:
+        return None
+    last_row = attention_mask[:, 0, -1, :]
+    return (
+        last_row if last_row.dtype == torch.bool else last_row == 0
+    )  # additive masks: 0 = visible
+
+
+def _visual_token_ids(config) -> list[int]:
+    return [i for name in _VISUAL_TOKEN_ID_FIELDS if (i := getattr(config, name, None)) is not None]
+
+
+def _mark_visual_tokens(token_ids: Tensor, module, args, kwargs) -> None:
+    """Forward pre-hook: tell a fresh TopPCache which prompt tokens are image / video tokens."""
+    cache = kwargs.get("past_key_values")
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(cache, TopPCache) and input_ids is not None and cache.get_seq_length() == 0:
+        cache.visual_mask = torch.isin(input_ids, token_ids.to(input_ids.device))
+
+
+def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn.Module:
+    """Use the "sparse_topp" attention in ``model`` and return it.
+
+    Decoding prunes when a ``TopPCache`` is passed as ``past_key_values``; any other cache runs
+    dense. On models with image / video tokens (config ``image_token_id`` / ``video_token_id``),
+    a hook tells the TopPCache which prompt tokens are visual (prune="visual", visual stats).
+    ``policy``, if given, is checked against the model now rather than at the first generate.
+    """
+    visual_ids = _visual_token_ids(model.config)
+    if policy is not None and policy.prune == "visual" and not visual_ids:
+        raise ValueError(
+            "TopPPolicy(prune='visual') needs image / video token ids, but "
+            f"{type(model.config).__name__} has none of {_VISUAL_TOKEN_ID_FIELDS}"
+        )
+    model.set_attn_implementation(ATTENTION_NAME)
+    if visual_ids and not hasattr(model, "_sparse_topp_visual_hook"):
+        hook = partial(_mark_visual_tokens, torch.tensor(visual_ids))
+        model._sparse_topp_visual_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+AttentionInterface.register(ATTENTION_NAME, sparse_topp_attention)
+# The prefill needs transformers' padding-aware causal mask: build it as for SDPA.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -1,0 +1,404 @@
+"""TopPCache: a transformers Cache that holds, per layer, only the top-p tokens (SPEC section 4).
+
+Life of a layer:
+  1. prefill: ``update`` stores the prompt's K/V densely, and the prefill attention is exact;
+  2. right after that attention, the "sparse_topp" attention function (sparse_attn.attention)
+     calls ``select_after_prefill``: the last probe queries score the keys (cumulative_scores),
+     topp_select picks the tokens and gather_kv compacts them into [B, Hkv, C, D] buffers with
+     room for the tokens still to come;
+  3. decode: ``update`` writes each new token at its row's physical length (scatter_kv), and
+     the attention reads only the compact buffers. With ``reselect_every`` the selection re-runs
+     over the compact cache every N decoded tokens.
+Rows keep different numbers of tokens (batch rows, and KV heads with granularity="kv_head"), so
+a compact layer tracks ``lengths`` [B, Hkv]; the slots of a row past its length are zero and
+masked.
+
+Positions stay logical: ``get_seq_length()`` counts every token seen, so positions, RoPE and
+Qwen-VL mRoPE ``rope_deltas`` are unchanged; ``get_mask_sizes()`` reports the physical length.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ops import cumulative_scores, gather_kv, scatter_kv, topp_select
+from .policy import TopPPolicy
+
+
+class TopPLayer(CacheLayerMixin):
+    """One layer of a TopPCache: dense K/V until its selection, compact rows after it.
+
+    Once compact: ``keys`` / ``values`` are [B, Hkv, C, D] (C: capacity), ``lengths`` int32
+    [B, Hkv] the tokens held per row, ``positions`` int32 [B, Hkv, C] the logical position of
+    each slot (ascending in a row, -1 past its length).
+    """
+
+    is_sliding = False
+
+    def __init__(self, reserve: int):
+        super().__init__()
+        self.reserve = reserve  # decoded-token slots allocated after a selection and when full
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen_tokens = 0  # logical length: every token appended, padding included
+        self.lengths: Tensor | None = None
+        self.positions: Tensor | None = None
+        self.max_length = 0  # max(lengths), kept on the host so decoding never syncs for it
+        # Reselection probes: the queries decoded since the last selection (at most n_probe).
+        self.probe_queries: Tensor | None = None
+        self.decoded_since_selection = 0
+
+    @property
+    def is_compact(self) -> bool:
+        return self.lengths is not None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen_tokens += key_states.shape[-2]
+        if not self.is_compact:
+            # The prefill: the selection right after its attention compacts the layer, so a
+            # layer is dense for exactly one update.
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        self._append(key_states, value_states)
+        return self.keys[:, :, : self.max_length], self.values[:, :, : self.max_length]
+
+    def _append(self, key_states: Tensor, value_states: Tensor) -> None:
+        B, H, T, _ = key_states.shape
+        if self.max_length + T > self.keys.shape[2]:
+            self._grow(self.max_length + T + self.reserve)
+        steps = torch.arange(T, device=self.device, dtype=torch.int32)
+        slots = self.lengths[..., None] + steps  # [B, H, T]: each row continues at its own length
+        scatter_kv(self.keys, self.values, key_states, value_states, slots.view(B * H, T))
+        new_positions = (self.seen_tokens - T + steps).expand(B, H, T)
+        self.positions.scatter_(2, slots.long(), new_positions)
+        self.lengths += T
+        self.max_length += T
+
+    def _grow(self, capacity: int) -> None:
+        B, H, _, D = self.keys.shape
+        n = self.max_length
+        keys = self.keys.new_zeros(B, H, capacity, D)
+        values = self.values.new_zeros(B, H, capacity, D)
+        keys[:, :, :n], values[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
+        positions = self.positions.new_full((B, H, capacity), -1)
+        positions[..., :n] = self.positions[..., :n]
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def compact(self, keys: Tensor, values: Tensor, lengths: Tensor, positions: Tensor) -> None:
+        """Replace the layer's tokens by a selection (what gather_kv returned)."""
+        self.keys, self.values, self.lengths, self.positions = keys, values, lengths, positions
+        self.max_length = int(lengths.max())
+        self.probe_queries = None
+        self.decoded_since_selection = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        physical = self.max_length if self.is_compact else self.seen_tokens
+        return physical + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def kv_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows (beam search); every per-row tensor moves with its row."""
+        for name in ("keys", "values", "lengths", "positions", "probe_queries"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One selection of one layer; counts are CPU tensors.
+
+    kept: int [B, Hkv] tokens kept per row (the same for every head with granularity="layer").
+    existed: int [B] non-padding tokens of the sequence when the selection ran.
+    kept_visual / existed_visual: the same for image / video tokens (None when not known).
+    """
+
+    layer_idx: int
+    seen_tokens: int
+    kept: Tensor
+    existed: Tensor
+    kept_visual: Tensor | None
+    existed_visual: Tensor | None
+
+    def ratios(self) -> Tensor:
+        """float [B, Hkv]: tau of each row and head."""
+        return self.kept / self.existed[:, None]
+
+    def visual_ratios(self) -> Tensor | None:
+        """float [B', Hkv] over the B' rows that have visual tokens; None without any."""
+        if self.existed_visual is None or not (has_visual := self.existed_visual > 0).any():
+            return None
+        return self.kept_visual[has_visual] / self.existed_visual[has_visual, None]
+
+
+# The attention function does not receive the cache (transformers hands it to the attention
+# module, which calls update() and then the attention function), so TopPCache.update leaves a
+# note of the layer it just updated for the attention call that follows it in the same thread.
+_pending = threading.local()
+
+
+def take_pending_cache(layer_idx: int | None) -> TopPCache | None:
+    """The TopPCache whose layer ``layer_idx`` was updated just before this attention call."""
+    cache = getattr(_pending, "cache", None)
+    if cache is None:
+        return None
+    _pending.cache = None
+    if _pending.layer_idx != layer_idx:
+        raise RuntimeError(
+            f"TopPCache layer {_pending.layer_idx} was updated, but the next attention call is for "
+            f"layer {layer_idx}"
+        )
+    return cache
+
+
+class TopPCache(Cache):
+    """A transformers Cache keeping, per layer, only the top-p tokens of the prompt plus every
+    token appended after the selection (see the module docstring).
+
+    Needs the "sparse_topp" attention (``sparse_attn.enable(model)``), which runs the selection.
+    ``reserve``: decoded-token slots allocated after each selection, and added whenever they
+    run out.
+
+    Stats (after the prefill): ``token_ratio``, ``layer_ratios``, ``row_token_ratios``,
+    ``visual_token_ratio``, ``kv_bytes()``, and ``selections``, every selection in order.
+    """
+
+    def __init__(self, policy: TopPPolicy | None = None, *, reserve: int = 256):
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"TopPCache.reserve must be an int >= 0, got {reserve!r}")
+        super().__init__(layer_class_to_replicate=partial(TopPLayer, reserve))
+        self.policy = policy if policy is not None else TopPPolicy()
+        self._clear_stats()
+
+    def _clear_stats(self) -> None:
+        self.selections: list[Selection] = []
+        # bool [B, L]: which prompt tokens are image / video tokens; set by enable()'s hook.
+        self.visual_mask: Tensor | None = None
+        self._padding: Tensor | None = None  # int [B] (CPU): padding tokens of each row
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if getattr(_pending, "cache", None) is self:
+            _pending.cache = None  # the note is stale now; do not let it reach a later call
+            raise RuntimeError(
+                f"TopPCache layer {_pending.layer_idx} was updated but no 'sparse_topp' attention "
+                "ran after it: call sparse_attn.enable(model) (or load the model with "
+                "attn_implementation='sparse_topp')"
+            )
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        _pending.cache, _pending.layer_idx = self, layer_idx
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear_stats()
+
+    # --- selection (called by the sparse_topp attention function) -----------------------------
+
+    def select_after_prefill(
+        self, layer_idx: int, query: Tensor, key_valid: Tensor | None, scale: float
+    ) -> None:
+        """Score the dense prefill keys with the last n_probe queries, select, compact.
+
+        query: [B, Hq, L, D] the prefill's (post-RoPE) queries; key_valid: bool [B, L], False at
+        padding, or None when there is none.
+        """
+        layer = self.layers[layer_idx]
+        B, Hkv, L, _ = layer.keys.shape
+        if key_valid is None:
+            key_valid = torch.ones(B, L, dtype=torch.bool, device=layer.device)
+        self._padding = (~key_valid).sum(-1).cpu()
+        probes = query[:, :, -self.policy.n_probe :]
+        scores = cumulative_scores(probes, layer.keys, scale=scale, key_mask=key_valid)
+        positions = torch.arange(L, device=layer.device, dtype=torch.int32).expand(B, Hkv, L)
+        self._select(
+            layer_idx,
+            scores,
+            key_valid[:, None].expand(B, Hkv, L),
+            positions,
+            layer.keys,
+            layer.values,
+        )
+
+    def after_decode_attention(self, layer_idx: int, query: Tensor, scale: float) -> None:
+        """Keep the decoded queries as probes and re-select every ``reselect_every`` tokens."""
+        every = self.policy.reselect_every
+        if not every:
+            return
+        layer = self.layers[layer_idx]
+        probes = (
+            query if layer.probe_queries is None else torch.cat([layer.probe_queries, query], dim=2)
+        )
+        layer.probe_queries = probes[:, :, -self.policy.n_probe :]
+        layer.decoded_since_selection += query.shape[2]
+        if layer.decoded_since_selection >= every:
+            self._reselect(layer_idx, scale)
+
+    def _reselect(self, layer_idx: int, scale: float) -> None:
+        layer = self.layers[layer_idx]
+        S = layer.max_length
+        keys = layer.keys[:, :, :S]
+        B, Hkv = layer.lengths.shape
+        g = layer.probe_queries.shape[1] // Hkv
+        # The probes are the newest tokens of every row, but cumulative_scores places probe i at
+        # key position Lk - n_probes + i in all rows: rows of different lengths are scored apart.
+        scores = torch.zeros(B, Hkv, S, dtype=torch.float32, device=layer.device)
+        for b, row_lengths in enumerate(layer.lengths.tolist()):
+            if len(set(row_lengths)) == 1:
+                n = row_lengths[0]
+                scores[b, :, :n] = cumulative_scores(
+                    layer.probe_queries[b : b + 1], keys[b : b + 1, :, :n], scale=scale
+                )[0]
+                continue
+            for h, n in enumerate(row_lengths):
+                q = layer.probe_queries[b : b + 1, h * g : (h + 1) * g]
+                scores[b, h, :n] = cumulative_scores(
+                    q, keys[b : b + 1, h : h + 1, :n], scale=scale
+                )[0, 0]
+        valid = torch.arange(S, device=layer.device) < layer.lengths[..., None]
+        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+
+    def _select(
+        self,
+        layer_idx: int,
+        scores: Tensor,
+        valid: Tensor,
+        positions: Tensor,
+        keys: Tensor,
+        values: Tensor,
+    ) -> None:
+        """Select from ``scores`` [B, Hkv, S] and compact ``keys`` / ``values`` to the kept tokens.
+
+        valid: bool [B, Hkv, S] the slots holding a token; positions: int32 [B, Hkv, S] their
+        logical positions. With granularity="layer" both are the same for every head.
+        """
+        policy, layer = self.policy, self.layers[layer_idx]
+        B, Hkv, S = scores.shape
+        is_visual = self._visual_at(positions) & valid if self.visual_mask is not None else None
+        if policy.prune == "visual" and is_visual is None:
+            raise RuntimeError(
+                "TopPPolicy(prune='visual') needs the prompt's image / video tokens: call "
+                "sparse_attn.enable(model, policy) on a model whose config has image_token_id / "
+                "video_token_id, and pass input_ids"
+            )
+
+        def rows(x: Tensor) -> Tensor:  # [B, Hkv, S] -> one row per selection budget
+            return x.reshape(B * Hkv, S) if policy.granularity == "kv_head" else x[:, 0]
+
+        # A per-layer budget ranks the tokens by their mass summed over the KV heads.
+        row_scores = rows(scores) if policy.granularity == "kv_head" else scores.sum(1)
+        indices, counts = topp_select(
+            row_scores,
+            policy.p,
+            valid_mask=rows(valid),
+            keep_first=policy.keep_first,
+            keep_last=policy.keep_last,
+            candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
+        )
+        capacity = int(counts.max()) + layer.reserve
+        compact_keys, compact_values = gather_kv(keys, values, indices, counts, capacity=capacity)
+
+        kept = torch.arange(S, device=counts.device) < counts[:, None]  # [R, S]: used index slots
+        slot = indices.long().clamp(min=0)
+        kept_positions = torch.where(kept, rows(positions).gather(1, slot), -1)
+        new_positions = kept_positions.new_full((kept.shape[0], capacity), -1)
+        width = min(S, capacity)
+        new_positions[:, :width] = kept_positions[:, :width]
+
+        def per_head(x: Tensor) -> Tensor:  # one value per row -> [B, Hkv, ...]
+            return x.view(B, -1, *x.shape[1:]).expand(B, Hkv, *x.shape[1:]).contiguous()
+
+        lengths = per_head(counts)
+        layer.compact(compact_keys, compact_values, lengths, per_head(new_positions))
+
+        kept_visual = existed_visual = None
+        if is_visual is not None:
+            kept_visual = per_head((rows(is_visual).gather(1, slot) & kept).sum(-1)).cpu()
+            existed_visual = self.visual_mask.sum(-1).cpu()
+        self.selections.append(
+            Selection(
+                layer_idx=layer_idx,
+                seen_tokens=layer.seen_tokens,
+                kept=lengths.to("cpu", copy=True),  # lengths grows in place as tokens arrive
+                existed=layer.seen_tokens - self._padding,
+                kept_visual=kept_visual,
+                existed_visual=existed_visual,
+            )
+        )
+
+    def _visual_at(self, positions: Tensor) -> Tensor:
+        """bool, shape of ``positions``: the token at each logical position is visual (decoded
+        tokens, past the prompt, are text)."""
+        B, prompt_length = self.visual_mask.shape
+        in_prompt = (positions >= 0) & (positions < prompt_length)
+        flat = positions.clamp(0, prompt_length - 1).long().reshape(B, -1)
+        return in_prompt & self.visual_mask.gather(1, flat).view(positions.shape)
+
+    # --- stats -----------------------------------------------------------------------------------
+
+    def _latest_selections(self) -> list[Selection]:
+        latest = {s.layer_idx: s for s in self.selections}
+        if not latest:
+            raise RuntimeError(
+                "TopPCache has not selected yet: run a prefill through a model with the "
+                "sparse_topp attention"
+            )
+        return [latest[i] for i in sorted(latest)]
+
+    @property
+    def layer_ratios(self) -> list[float]:
+        """tau of each layer's latest selection: kept / existing tokens, averaged over the rows
+        (and heads)."""
+        return [float(s.ratios().mean()) for s in self._latest_selections()]
+
+    @property
+    def token_ratio(self) -> float:
+        """tau (SPEC section 2): ``layer_ratios`` averaged over the layers."""
+        ratios = self.layer_ratios
+        return sum(ratios) / len(ratios)
+
+    @property
+    def row_token_ratios(self) -> Tensor:
+        """float [B]: tau of each batch row (one sequence's token ratio, e.g. for a reward)."""
+        return torch.stack([s.ratios().mean(-1) for s in self._latest_selections()]).mean(0)
+
+    @property
+    def visual_token_ratio(self) -> float | None:
+        """tau over image / video tokens only; None without any (or when they are unknown)."""
+        ratios = [
+            r.mean() for s in self._latest_selections() if (r := s.visual_ratios()) is not None
+        ]
+        return float(torch.stack(ratios).mean()) if ratios else None
+
+    def kv_bytes(self) -> int:
+        """Bytes of K/V the cache holds on its device (compact buffers, reserve included)."""
+        return sum(layer.kv_bytes() for layer in self.layers)

@@ -1,0 +1,86 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sf_train.config import SFConfig
+from sf_train.trainer import METRICS_FILE, SparsityForcingTrainer
+from toy_task import toy_model, toy_task
+
+
+def make_config(tmp_path, **over):
+    values = dict(out_dir=str(tmp_path / "run"), steps=3, prompts_per_step=4, p_grid=(0.5, 0.7, 0.9, 0.975),
+                  max_new_tokens=3, n_probe=4, keep_first=1, keep_last=2, lr=1e-3, save_every=1, beta=0.1)
+    values.update(over)
+    return SFConfig(**values)
+
+
+def new_trainer(config):
+    return SparsityForcingTrainer(config, toy_model(), toy_model(), toy_task())
+
+
+def test_short_run_logs_finite_metrics(tmp_path):
+    torch.manual_seed(0)
+    trainer = new_trainer(make_config(tmp_path))
+    history = trainer.train(progress=False)
+    assert [m["step"] for m in history] == [1, 2, 3]
+    for m in history:
+        for key in ("loss", "reward", "kl", "clip_fraction", "entropy", "zero_variance_groups",
+                    "token_ratio@0.5", "accuracy@0.975", "layer_retention/0", "rollout_tokens_per_s"):
+            assert math.isfinite(m[key]), key
+        assert 0.0 <= m["kl"] and 0.0 <= m["clip_fraction"] <= 1.0
+        assert m["token_ratio@0.5"] < m["token_ratio@0.975"] <= 1.0, "lower p keeps fewer tokens"
+    logged = [json.loads(l) for l in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert logged == history
+    assert history[-1]["kl"] > 0.0, "the policy moved away from the reference"
+
+
+def test_resume_continues_exactly(tmp_path):
+    torch.manual_seed(0)
+    uninterrupted = new_trainer(make_config(tmp_path / "a")).train(progress=False)
+
+    torch.manual_seed(0)
+    first = new_trainer(make_config(tmp_path / "b", steps=2))
+    first.train(progress=False)
+    torch.manual_seed(123)  # whatever happens in between, resume restores the RNG
+    resumed = new_trainer(make_config(tmp_path / "b", steps=3))
+    resumed.resume()
+    assert resumed.step == 2
+    last = resumed.train(progress=False)
+    assert len(last) == 1
+    for key, value in uninterrupted[2].items():
+        if key == "rollout_tokens_per_s":  # wall-clock
+            continue
+        assert last[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _distributed_worker(rank, world_size, port, out_dir, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(rank)
+        trainer = SparsityForcingTrainer(make_config(out_dir, steps=2), toy_model(), toy_model(), toy_task())
+        history = trainer.train(progress=False)
+        params = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+        results[rank] = (history, params)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_distributed_worker, args=(2, port, tmp_path, results), nprocs=2, join=True)
+    (h0, w0), (h1, w1) = results[0], results[1]
+    assert h0 == h1, "metrics are averaged over ranks"
+    assert torch.equal(w0, w1), "DDP keeps the replicas identical"
+    assert all(math.isfinite(m["loss"]) for m in h0)
