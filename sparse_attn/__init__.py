@@ -2,13 +2,18 @@
 
 Ops (torch.ops.sparse_attn.*, CPU and CUDA): cumulative_scores, topp_select, gather_kv,
 scatter_kv. Plain-PyTorch definitions of each: sparse_attn.reference.
+Drop-in for transformers: TopPPolicy, TopPCache and enable(model, policy) (importing sparse_attn
+registers the "sparse_topp" attention implementation).
 """
 from ._extension import cuda_kernels_built, load as _load
 
 _load()
 
 from . import reference  # noqa: E402
+from .attention import enable  # noqa: E402
+from .cache import TopPCache  # noqa: E402
 from .ops import cumulative_scores, gather_kv, scatter_kv, topp_select  # noqa: E402
+from .policy import TopPPolicy  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,6 +21,9 @@ __all__ = [
     "topp_select",
     "gather_kv",
     "scatter_kv",
+    "TopPPolicy",
+    "TopPCache",
+    "enable",
     "reference",
     "cuda_kernels_built",
 ]

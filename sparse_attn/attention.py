@@ -121,6 +121,13 @@ def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn
     a hook tells the TopPCache which prompt tokens are visual (prune="visual", visual stats).
     ``policy``, if given, is checked against the model now rather than at the first generate.
     """
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        # The compact decode attends to every held token: a sliding window would be ignored.
+        raise ValueError(
+            "sparse_topp supports full-attention layers only; this model has "
+            f"{sorted(set(layer_types))}"
+        )
     visual_ids = _visual_token_ids(model.config)
     if policy is not None and policy.prune == "visual" and not visual_ids:
         raise ValueError(

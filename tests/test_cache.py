@@ -189,6 +189,11 @@ def test_misuse_is_reported():
         enable(model, TopPPolicy(prune="visual"))
     with pytest.raises(RuntimeError, match="sparse_attn.enable"):  # sdpa attention never selects
         model(**make_inputs("qwen2", 1), past_key_values=TopPCache())
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(**TEXT, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    )
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        enable(sliding)
     with pytest.raises(RuntimeError, match="not selected yet"):
         _ = TopPCache().token_ratio
 
