@@ -8,6 +8,7 @@ Environment knobs:
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -71,14 +72,19 @@ def extension():
     archs = os.environ.get("SPARSE_ATTN_CUDA_ARCHS", "80;90a")
     write_build_info(with_cuda, archs)
     sources = ["csrc/torch_bindings.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cpu").glob("*.cpp"))]
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, the CPU kernels
+    # silently run on one thread. The runtime is the libgomp torch already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp]
     if not with_cuda:
-        return CppExtension("sparse_attn._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("sparse_attn._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=openmp)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cuda").glob("*.cu"))
     return CUDAExtension(
         "sparse_attn._C",
         sources,
         define_macros=[("SPARSE_ATTN_WITH_CUDA", None)],
+        extra_link_args=openmp,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", *gencode_flags(archs)],

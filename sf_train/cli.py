@@ -1,7 +1,7 @@
 """sf-train / python -m sf_train: train, eval, and main (the embedded default end to end).
 
   sf-train train [--config run.yaml] [--set key=value ...] [--resume]
-  sf-train eval  --model DIR [--p 0.975 1.0] [--samples 128] [--out report.json]
+  sf-train eval  --model DIR [--p 0.975 1.0] [--samples 128] [--out report.json]  (+ report.png)
   sf-train main  [--set key=value ...]   # base model -> measure -> Sparsity Forcing -> measure
 
 Runs unchanged under torchrun (one process per device; gloo on CPU, nccl on GPU).
@@ -95,13 +95,14 @@ def save_final(model, base_dir: str, out: Path) -> None:
 
 
 def run_eval(config: SFConfig, model_dir: str, p_values, samples: int, out: str | None):
-    from .evaluate import evaluate, save_report
+    from .evaluate import evaluate, plot_reports, save_report
 
     model, _, task = load_models_and_task(config, model_dir)
     results = evaluate(model.to(device_for_rank()), task, config.policy, p_values, samples=samples,
                        max_new_tokens=config.max_new_tokens)
     if out:
         save_report(results, out)
+        plot_reports({Path(model_dir).name: results}, Path(out).with_suffix(".png"))
     return results
 
 

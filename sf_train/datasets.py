@@ -12,7 +12,8 @@ class TrainingTask:
     samples(split, start, count): deterministic samples ("train" / "heldout"), so every rank and
         a resumed run see the same data; encode(samples): left-padded model inputs of their
         prompts; prompt / answer: text of a sample; is_correct(prompt, completion, answer) -> 0/1;
-        decode(token ids [B, T]) -> texts.
+        decode(token ids [B, T]) -> texts; suppressed_token_ids: never generated (a VLM's image
+        placeholders: a completion holding one would break the model's image bookkeeping).
     """
 
     name: str
@@ -24,6 +25,7 @@ class TrainingTask:
     decode: Callable[[Any], list[str]]
     eos_token_id: int
     pad_token_id: int
+    suppressed_token_ids: tuple[int, ...] = ()
 
 
 def embedded_vqa(processor) -> TrainingTask:
@@ -41,4 +43,5 @@ def embedded_vqa(processor) -> TrainingTask:
         decode=lambda ids: processor.batch_decode(ids, skip_special_tokens=True),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        suppressed_token_ids=tuple(tokenizer.convert_tokens_to_ids(list(tiny_vlm.SPECIAL_TOKENS[2:]))),
     )

@@ -15,6 +15,8 @@ from .replay import LayerSelection, recorded_selections
 
 # Model inputs whose first axis is not the batch (Qwen-VL flattens the patches of all images).
 _PATCH_INPUTS = ("pixel_values", "pixel_values_videos")
+# Per-token inputs besides input_ids / attention_mask; completion tokens are plain text (0).
+_TOKEN_TYPE_INPUTS = ("mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
@@ -38,9 +40,15 @@ def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
     return (~after_eos).float()
 
 
-def sampled_logp(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    """log pi(token) under the sampling distribution softmax(logits / temperature)."""
-    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+def completion_logp(logits: Tensor, tokens: Tensor, temperature: float, suppressed: tuple[int, ...] = ()):
+    """(log pi(token), entropy) under the sampling distribution softmax(logits / temperature)
+    with the ``suppressed`` token ids excluded - the distribution rollouts sample from."""
+    logits = logits.float() / temperature
+    if suppressed:
+        logits[..., list(suppressed)] = float("-inf")
+    logp_all = F.log_softmax(logits, dim=-1)
+    entropy = -(logp_all.exp() * torch.where(torch.isinf(logp_all), 0.0, logp_all)).sum(-1)
+    return logp_all.gather(-1, tokens[..., None]).squeeze(-1), entropy
 
 
 def repeat_inputs(inputs: dict, times: int) -> dict:
@@ -56,13 +64,29 @@ def repeat_inputs(inputs: dict, times: int) -> dict:
     return out
 
 
+def append_completions(inputs: dict, completions: Tensor) -> dict:
+    """Inputs of the [prompt + completion] sequences (one completion row per prompt row).
+
+    As during generation, every decoded position is attended: padding after EOS is never seen
+    by an earlier token, and its own outputs are masked out of the loss.
+    """
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], completions], dim=1)
+    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completions)], dim=1)
+    for name in _TOKEN_TYPE_INPUTS:
+        if name in inputs:
+            full[name] = torch.cat([inputs[name], torch.zeros_like(completions)], dim=1)
+    return full
+
+
 @torch.no_grad()
 def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos_token_id: int,
-            pad_token_id: int, temperature: float | None) -> Rollouts:
+            pad_token_id: int, temperature: float | None, suppressed: tuple[int, ...] = ()) -> Rollouts:
     """Decode every prompt of ``inputs`` (left-padded) once through a TopPCache with ``policy``.
 
     temperature None decodes greedily (evaluation); otherwise tokens are sampled from
     softmax(logits / temperature) and their log-probs kept for the policy-gradient ratio.
+    ``suppressed`` token ids are never generated (e.g. image placeholders a VLM must not emit).
     """
     cache = TopPCache(policy, reserve=max_new_tokens)
     sample = temperature is not None
@@ -70,11 +94,14 @@ def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
         top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, output_logits=sample, return_dict_in_generate=True,
+        suppress_tokens=list(suppressed) or None,
     )
     out = model.generate(**inputs, past_key_values=cache, generation_config=generation)
     P = inputs["input_ids"].shape[1]
     completions = out.sequences[:, P:]
-    logp = sampled_logp(torch.stack(out.logits, dim=1), completions, temperature) if sample else None
+    logp = None
+    if sample:  # out.logits are raw: the suppression is applied again, exactly as sampling did
+        logp, _ = completion_logp(torch.stack(out.logits, dim=1), completions, temperature, suppressed)
     return Rollouts(
         p=policy.p,
         completions=completions,

@@ -28,7 +28,7 @@ from .datasets import TrainingTask
 from .loss import grpo_loss
 from .replay import REPLAY_ATTENTION, concat_selections, replaying
 from .rewards import group_advantages, joint_rewards
-from .rollout import Rollouts, repeat_inputs, rollout, sampled_logp
+from .rollout import Rollouts, append_completions, completion_logp, repeat_inputs, rollout
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -67,15 +67,29 @@ class TrainingBatch:
     selections: list
 
 
-def completion_logp(model, inputs: dict, completions: Tensor, prompt_length: int, temperature: float):
-    """(log-probs [N, T] of the completion tokens, entropy [N, T] of their distributions)."""
-    logits = model(**inputs).logits
-    T = completions.shape[1]
-    logits = logits[:, prompt_length - 1 : prompt_length - 1 + T].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, completions[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def training_batch(inputs: dict, groups: list[Rollouts], advantages: Tensor, pad_token_id: int) -> TrainingBatch:
+    """The [prompt + completion] sequences of all rollouts, p-major (row g * B + b);
+    advantages [B, G]."""
+    G, P = len(groups), inputs["input_ids"].shape[1]
+    T = max(g.completions.shape[1] for g in groups)
+    completions = torch.cat([pad_right(g.completions, T, pad_token_id) for g in groups])
+    return TrainingBatch(
+        inputs=append_completions(repeat_inputs(inputs, G), completions),
+        completions=completions,
+        mask=torch.cat([pad_right(g.mask, T, 0.0) for g in groups]),
+        logp_old=torch.cat([pad_right(g.logp, T, 0.0) for g in groups]),
+        advantages=advantages.t().reshape(-1).to(completions.device),
+        prompt_length=P,
+        selections=concat_selections([g.selections for g in groups]),
+    )
+
+
+def sequence_logp(model, batch: "TrainingBatch", temperature: float, suppressed: tuple[int, ...]):
+    """(log-probs [N, T] of the completion tokens, entropy [N, T]) from one forward of the
+    [prompt + completion] sequences: the logits at position i predict token i + 1."""
+    logits = model(**batch.inputs).logits
+    P, T = batch.prompt_length, batch.completions.shape[1]
+    return completion_logp(logits[:, P - 1 : P - 1 + T], batch.completions, temperature, suppressed)
 
 
 class SparsityForcingTrainer:
@@ -111,7 +125,7 @@ class SparsityForcingTrainer:
             return [
                 rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
                         eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
-                        temperature=self.config.temperature)
+                        temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids)
                 for p in self.config.p_grid
             ]
         finally:
@@ -135,12 +149,12 @@ class SparsityForcingTrainer:
         rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate)
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
-        batch = self.training_batch(inputs, groups, advantages)
+        batch = training_batch(inputs, groups, advantages, task.pad_token_id)
         with torch.no_grad():
-            logp_ref, _ = completion_logp(self.reference, batch.inputs, batch.completions, batch.prompt_length, cfg.temperature)
+            logp_ref, _ = sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)
         for _ in range(cfg.inner_epochs):
             with replaying(batch.selections, batch.prompt_length):
-                logp, entropy = completion_logp(self.trained, batch.inputs, batch.completions, batch.prompt_length, cfg.temperature)
+                logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
             loss, stats = grpo_loss(
                 logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
                 clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, normalization=cfg.normalization,
@@ -171,26 +185,6 @@ class SparsityForcingTrainer:
         for layer, ratio in enumerate(np.mean([g.layer_ratios for g in groups], axis=0)):
             metrics[f"layer_retention/{layer}"] = float(ratio)
         return {"step": self.step, **mean_over_ranks(metrics)}
-
-    def training_batch(self, inputs: dict, groups: list[Rollouts], advantages: Tensor) -> TrainingBatch:
-        """[prompt + completion] sequences of all rollouts, p-major (row g * B + b)."""
-        G, P = len(groups), inputs["input_ids"].shape[1]
-        T = max(g.completions.shape[1] for g in groups)
-        completions = torch.cat([pad_right(g.completions, T, self.task.pad_token_id) for g in groups])
-        full = repeat_inputs(inputs, G)
-        full["input_ids"] = torch.cat([full["input_ids"], completions], dim=1)
-        # As during generation: every decoded position is attended (padding after EOS is never
-        # seen by an earlier token, and its own outputs are masked out of the loss).
-        full["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(completions)], dim=1)
-        return TrainingBatch(
-            inputs=full,
-            completions=completions,
-            mask=torch.cat([pad_right(g.mask, T, 0.0) for g in groups]),
-            logp_old=torch.cat([pad_right(g.logp, T, 0.0) for g in groups]),
-            advantages=advantages.t().reshape(-1).to(self.device),  # [B, G] -> p-major rows
-            prompt_length=P,
-            selections=concat_selections([g.selections for g in groups]),
-        )
 
     # --- the loop, checkpoints -----------------------------------------------------------------
 

@@ -6,9 +6,9 @@ import torch
 
 import sparse_attn.attention  # noqa: F401  (registers sparse_topp)
 from sf_train.config import default_p_grid
-from sf_train.replay import REPLAY_ATTENTION, concat_selections, replaying
-from sf_train.rollout import repeat_inputs, rollout
-from sf_train.trainer import completion_logp
+from sf_train.replay import REPLAY_ATTENTION, replaying
+from sf_train.rollout import rollout
+from sf_train.trainer import sequence_logp, training_batch
 from sparse_attn.attention import enable
 from sparse_attn.policy import TopPPolicy
 
@@ -39,35 +39,32 @@ def left_padded_prompts(lengths, vocab=64, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def replayed_logp(model, inputs, groups, temperature):
-    G, P = len(groups), inputs["input_ids"].shape[1]
-    T = max(g.completions.shape[1] for g in groups)
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
-    completions = torch.cat([pad(g.completions, PAD) for g in groups])
-    full = repeat_inputs(inputs, G)
-    full["input_ids"] = torch.cat([full["input_ids"], completions], 1)
-    full["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(completions)], 1)
+def replayed_logp(model, inputs, groups, temperature, suppressed=()):
+    """The trainer's training forward over the rollouts: (log-probs, rollout log-probs, mask)."""
+    batch = training_batch(inputs, groups, torch.zeros(inputs["input_ids"].shape[0], len(groups)), PAD)
     model.set_attn_implementation(REPLAY_ATTENTION)
-    with torch.no_grad(), replaying(concat_selections([g.selections for g in groups]), P):
-        logp, _ = completion_logp(model, full, completions, P, temperature)
-    mask = torch.cat([pad(g.mask, 0.0) for g in groups])
-    logp_old = torch.cat([pad(g.logp, 0.0) for g in groups])
-    return logp, logp_old, mask
+    with torch.no_grad(), replaying(batch.selections, batch.prompt_length):
+        logp, _ = sequence_logp(model, batch, temperature, suppressed)
+    return logp, batch.logp_old, batch.mask
+
+
+def assert_replay_matches_rollouts(model, inputs, granularity, eos, pad, max_tau=0.9, suppressed=(), **policy_kw):
+    enable(model)
+    groups = []
+    for p in default_p_grid():
+        policy = TopPPolicy(p=p, granularity=granularity, **policy_kw)
+        groups.append(rollout(model, inputs, policy, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad,
+                              temperature=1.0, suppressed=suppressed))
+    assert min(float(g.token_ratio.min()) for g in groups) < max_tau, "the test must really prune"
+    logp, logp_old, mask = replayed_logp(model, inputs, groups, 1.0, suppressed)
+    m = mask.bool()
+    torch.testing.assert_close(logp[m], logp_old[m], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
 def test_replay_reproduces_rollout_logprobs(granularity):
-    model = tiny_qwen2()
-    inputs = left_padded_prompts([40, 27, 33])
-    enable(model)
-    groups = []
-    for p in default_p_grid():
-        policy = TopPPolicy(p=p, n_probe=8, keep_first=1, keep_last=2, granularity=granularity)
-        groups.append(rollout(model, inputs, policy, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.0))
-    assert min(float(g.token_ratio.min()) for g in groups) < 0.9, "the test must really prune"
-    logp, logp_old, mask = replayed_logp(model, inputs, groups, 1.0)
-    m = mask.bool()
-    torch.testing.assert_close(logp[m], logp_old[m], rtol=0, atol=2e-5)
+    assert_replay_matches_rollouts(tiny_qwen2(), left_padded_prompts([40, 27, 33]), granularity, EOS, PAD,
+                                   n_probe=8, keep_first=1, keep_last=2)
 
 
 def test_replay_differs_from_dense_when_pruned():
@@ -80,10 +77,8 @@ def test_replay_differs_from_dense_when_pruned():
     logp, logp_old, mask = replayed_logp(model, inputs, [group], 1.0)
     m = mask.bool()
     torch.testing.assert_close(logp[m], logp_old[m], rtol=0, atol=2e-5)
-    model.set_attn_implementation("sdpa")
-    full = {k: v.clone() for k, v in inputs.items()}
-    full["input_ids"] = torch.cat([full["input_ids"], group.completions], 1)
-    full["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(group.completions)], 1)
+    model.set_attn_implementation("sdpa")  # the same forward without the replay: dense
+    batch = training_batch(inputs, [group], torch.zeros(3, 1), PAD)
     with torch.no_grad():
-        dense, _ = completion_logp(model, full, group.completions, inputs["input_ids"].shape[1], 1.0)
+        dense, _ = sequence_logp(model, batch, 1.0, ())
     assert (dense[m] - logp_old[m]).abs().max() > 1e-3
