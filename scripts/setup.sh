@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip setuptools wheel ninja
+python -m pip install -q --upgrade pip setuptools wheel ninja numpy
 # Any torch already in the venv is kept; otherwise SPARSE_ATTN_TORCH (default: the CPU-capable
 # torch 2.13.0 wheel) is installed.
 python -c "import torch" 2>/dev/null || python -m pip install -q "${SPARSE_ATTN_TORCH:-torch==2.13.0}"
