@@ -1,0 +1,201 @@
+"""Supervised training of the tiny Qwen2.5-VL on the synthetic task, from scratch.
+
+    python -m sf_train.sft --out sf_train/checkpoints/base [--minutes 15] [--seed 0]
+
+Dense attention (SDPA), loss on the answer token and the end-of-sequence token only, AdamW with
+linear warm-up and cosine decay over a fixed number of steps (the vision tower at a higher learning
+rate). Every step draws fresh samples from the train split (the world is infinite, so there is no
+epoch and no overfitting to a fixed set); each image is asked several questions, one row each, so
+the same pixels must give different answers. A curriculum grows the object count on small boards,
+then the board to the task's 14x14, moving on when the training accuracy is high (see SFTConfig).
+The step count, not the clock, defines the run, so the same command gives the same checkpoint;
+--minutes only stops a run early on a slower machine, and the JSON report says so. At the end,
+greedy held-out accuracy is measured and written next to the checkpoint.
+"""
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import task
+from .tiny_vlm import (
+    TinyVLMConfig,
+    build_model,
+    build_processor,
+    generate_answer,
+    prompt_text,
+    save_checkpoint,
+)
+
+TRAIN_INDEX_STRIDE = 100_000_000  # run seed k trains on train-split indices [k * stride, ...)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 2500
+    images_per_step: int = 16
+    questions_per_image: int = 2  # rows per image: the same board with different questions
+    lr: float = 1e-3
+    vision_lr_scale: float = 3.0  # the vision tower's learning rate is lr * vision_lr_scale
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 25
+    eval_every: int = 200
+    eval_samples: int = 64
+    final_eval_samples: int = 1024
+    threads: int = 2
+    # Curriculum: (grid, max objects) stages. The next stage starts once the teacher-forced answer
+    # accuracy over the last log_every steps reaches advance_at, or after max_stage_steps. With a
+    # few objects on a small board the vision tower learns shapes and colours first; the object
+    # count then grows on small boards before the board grows to the task's full size.
+    curriculum: tuple[tuple[int, int], ...] = (
+        (2, 1), (3, 2), (3, 3), (4, 4), (4, 6), (5, 8), (7, 10), (10, task.MAX_OBJECTS), (task.GRID, task.MAX_OBJECTS))
+    advance_at: float = 0.9
+    max_stage_steps: int = 250
+
+
+def lr_factor(step: int, config: SFTConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+def training_batch(processor, samples, questions_per_image: int = 1):
+    """Left-padded rows "question image answer<eos>", questions_per_image rows per sample (its own
+    question first); labels only on the answer and <eos>."""
+    eos = processor.tokenizer.eos_token
+    texts, images = [], []
+    for s in samples:
+        for question, answer in task.training_questions(s, questions_per_image):
+            texts.append(f"{prompt_text(question.text)} {answer}{eos}")
+            images.append(s.image)
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    # Left padding: every row ends with its answer and <eos>, the only supervised tokens.
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -2:] = batch["input_ids"][:, -2:]
+    batch["labels"] = labels
+    return batch
+
+
+def parameter_groups(model, config: SFTConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the vision tower at its own learning rate."""
+    groups = []
+    for vision in (False, True):
+        for matrix in (False, True):
+            params = [p for n, p in model.named_parameters() if ("visual." in n) == vision and (p.ndim >= 2) == matrix]
+            groups.append({"params": params, "weight_decay": config.weight_decay if matrix else 0.0,
+                           "lr": config.lr * (config.vision_lr_scale if vision else 1.0)})
+    return groups
+
+
+def heldout_accuracy(model, processor, count: int, batch_size: int = 64) -> dict[str, float]:
+    """Greedy exact-match accuracy on held-out samples [0, count), overall and per question type."""
+    model.eval()
+    correct = defaultdict(list)
+    for start in range(0, count, batch_size):
+        samples = task.make_samples("heldout", start, min(batch_size, count - start))
+        for s, completion in zip(samples, generate_answer(model, processor, samples)):
+            correct[s.question.kind].append(task.is_correct(s.question.text, completion, s.answer))
+    model.train()
+    result = {kind: sum(v) / len(v) for kind, v in sorted(correct.items())}
+    result["overall"] = sum(map(sum, correct.values())) / count
+    return result
+
+
+def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, minutes: float) -> dict:
+    torch.set_num_threads(config.threads)
+    processor = build_processor(model_config)
+    model = build_model(model_config, processor.tokenizer, seed=seed)
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny Qwen2.5-VL: {n_params:,} parameters, {model_config.visual_tokens_per_image} visual tokens/image")
+
+    started = time.time()
+    deadline = started + 60 * minutes
+    history, running_loss, running_hits, steps_done = [], 0.0, 0, 0
+    stage, stage_start = 0, 0
+    for step in range(config.steps):
+        if time.time() > deadline:
+            print(f"time budget of {minutes} min reached at step {step}: stopping early")
+            break
+        first_index = seed * TRAIN_INDEX_STRIDE + step * config.images_per_step
+        grid, max_objects = config.curriculum[stage]
+        samples = task.make_samples("train", first_index, config.images_per_step, grid, max_objects)
+        batch = training_batch(processor, samples, config.questions_per_image)
+        output = model(**batch)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1
+
+        # Teacher-forced accuracy of the answer word (the second-last token): free to compute.
+        predicted = output.logits[:, -3].argmax(-1)
+        running_hits += (predicted == batch["labels"][:, -2]).float().mean().item()
+        running_loss += output.loss.item()
+        if (step + 1) % config.log_every == 0:
+            train_acc = running_hits / config.log_every
+            record = {"step": step + 1, "grid": grid, "max_objects": max_objects, "minutes": (time.time() - started) / 60,
+                      "loss": running_loss / config.log_every,
+                      "train_answer_acc": train_acc,
+                      "lr": scheduler.get_last_lr()[0]}
+            if (step + 1) % config.eval_every == 0:
+                record["heldout_acc"] = heldout_accuracy(model, processor, config.eval_samples)["overall"]
+            history.append(record)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+            running_loss, running_hits = 0.0, 0
+            last_stage = stage == len(config.curriculum) - 1
+            if not last_stage and (train_acc >= config.advance_at or step + 1 - stage_start >= config.max_stage_steps):
+                stage, stage_start = stage + 1, step + 1
+    train_minutes = (time.time() - started) / 60
+
+    accuracy = heldout_accuracy(model, processor, config.final_eval_samples)
+    print(f"held-out greedy accuracy on {config.final_eval_samples} samples: {json.dumps(accuracy)}")
+    report = {
+        "steps": steps_done,
+        "stopped_early": steps_done < config.steps,
+        "train_minutes": train_minutes,
+        "total_minutes": (time.time() - started) / 60,
+        "images_seen": steps_done * config.images_per_step,
+        "final_stage_from_step": stage_start if stage == len(config.curriculum) - 1 else None,
+        "parameters": n_params,
+        "heldout_accuracy": accuracy,
+        "heldout_samples": config.final_eval_samples,
+        "seed": seed,
+        "threads": config.threads,
+        "torch": torch.__version__,
+        "sft_config": asdict(config),
+        "model_config": asdict(model_config),
+        "history": history,
+    }
+    save_checkpoint(out, model, processor, model_config)
+    with open(f"{out}/training_run.json", "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--minutes", type=float, default=15.0, help="stop training early after this long")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=SFTConfig.steps)
+    parser.add_argument("--threads", type=int, default=SFTConfig.threads)
+    args = parser.parse_args(argv)
+    train(args.out, SFTConfig(steps=args.steps, threads=args.threads), TinyVLMConfig(), args.seed, args.minutes)
+
+
+if __name__ == "__main__":
+    main()
