@@ -27,10 +27,15 @@ def ensure_base_checkpoint(path: Path) -> None:
 
 def run_embedded_default(config: SFConfig) -> dict:
     out_dir = Path(config.out_dir)
-    model = Path(config.model)
-    if model.resolve() == (Path("sf_train/checkpoints/base")).resolve() or not model.exists():
+    # The default names the packaged base checkpoint (found wherever sf_train is installed);
+    # any other path is used as given, and a missing one is an error, not a silent substitute.
+    if config.model == SFConfig.model:
         model = BASE_CHECKPOINT
-    ensure_base_checkpoint(model)
+        ensure_base_checkpoint(model)
+    else:
+        model = Path(config.model)
+        if not (model / "config.json").exists():
+            raise FileNotFoundError(f"no checkpoint at {model} (SFConfig.model)")
     config = replace(config, model=str(model))
     p_values = sorted(set(config.eval_p) | {config.deploy_p, min(config.p_grid), 1.0})
 
