@@ -12,7 +12,9 @@ Question types (balanced: sample ``index`` has type ``QUESTION_TYPES[index % 4]`
 - ``exists``           "is there a blue square ?"         yes / no; both the colour and the shape
                        appear on other objects, so neither word alone gives the answer
 
-Every answer is one word. Samples are pure functions of (split, index): the train split uses
+Every answer is one word. It is also the first generated token, which comes from the dense
+prefill (SPEC section 4), so on this task pruning the cache cannot change an answer: see
+bench/sparsity_forcing_experiments.md. Samples are pure functions of (split, index): the train split uses
 seeds [0, 1e9), the held-out split seeds [1e9, 2e9), so the two never share a scene.
 """
 import re
@@ -262,14 +264,14 @@ def normalise(text: str) -> list[str]:
 
 
 def is_correct(prompt: str, completion: str, answer: str) -> int:
-    """1 if the completion's first word is exactly the answer, else 0.
+    """1 if the completion's first words are exactly the answer's words, else 0.
 
-    Case, surrounding whitespace and punctuation are ignored ("Red." and " red " are right);
-    the first word must match whole ("reddish" is wrong) and words after it are ignored
+    Case, surrounding whitespace and punctuation are ignored ("Red." and " red " are right for
+    "red"); words must match whole ("reddish" is wrong) and words after the answer are ignored
     ("red blue" counts as "red"), so a model that answers and then rambles without an
     end-of-sequence token is judged on its answer. `prompt` is unused: it is part of the
     signature every reward function of sf_train shares.
     """
     del prompt
     words, expected = normalise(completion), normalise(answer)
-    return int(bool(words) and words[:1] == expected[:1])
+    return int(bool(expected) and words[:len(expected)] == expected)

@@ -3,7 +3,8 @@
 Ops (torch.ops.sparse_attn.*, CPU and CUDA): cumulative_scores, topp_select, gather_kv,
 scatter_kv. Plain-PyTorch definitions of each: sparse_attn.reference.
 Drop-in for transformers: TopPPolicy, TopPCache and enable(model, policy) (importing sparse_attn
-registers the "sparse_topp" attention implementation).
+registers the "sparse_topp" attention implementation). Baseline selection rules for ablations
+(TopPPolicy(rule="top_k" / "threshold"), FastV-style shared_from_layer): sparse_attn.rules.
 """
 from ._extension import cuda_kernels_built, load as _load
 

@@ -1,8 +1,9 @@
 """The "sparse_topp" attention function for transformers, and ``enable(model, policy)``.
 
 With a TopPCache behind the call, the prefill attention is dense and exact (SDPA, FlashAttention-2
-first on GPU) and is followed by the layer's top-p selection; later calls attend only to the
-compact cache. Without one (no cache, a DynamicCache, a vision tower) it is plain SDPA.
+first on GPU) and is followed by the layer's selection (top-p, or another rule of the policy);
+later calls attend only to the compact cache. Without one (no cache, a DynamicCache, a vision
+tower) it is plain SDPA.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def sparse_topp_attention(
     output, _ = _dense_attention(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
-    cache.select_after_prefill(layer_idx, query, _key_validity(attention_mask), scale)
+    num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    cache.select_after_prefill(
+        layer_idx, query, _key_validity(attention_mask), scale, num_layers=num_layers
+    )
     return output, None
 
 

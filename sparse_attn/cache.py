@@ -1,11 +1,14 @@
-"""TopPCache: a transformers Cache that holds, per layer, only the top-p tokens (SPEC section 4).
+"""TopPCache: a transformers Cache that holds, per layer, only the top-p tokens (SPEC section 4)
+- or the tokens another rule of TopPPolicy keeps (top_k, threshold, FastV-style layer sharing).
 
 Life of a layer:
   1. prefill: ``update`` stores the prompt's K/V densely, and the prefill attention is exact;
   2. right after that attention, the "sparse_topp" attention function (sparse_attn.attention)
      calls ``select_after_prefill``: the last probe queries score the keys (cumulative_scores),
-     topp_select picks the tokens and gather_kv compacts them into [B, Hkv, C, D] buffers with
-     room for the tokens still to come;
+     the policy's rule picks the tokens (topp_select for top-p; sparse_attn.rules) and gather_kv
+     compacts them into [B, Hkv, C, D] buffers with room for the tokens still to come. With
+     ``shared_from_layer`` = K, layers other than K skip the scoring: layers < K keep every
+     token, layers > K the positions layer K kept;
   3. decode: ``update`` writes each new token at its row's physical length (scatter_kv), and
      the attention reads only the compact buffers. With ``reselect_every`` the selection re-runs
      over the compact cache every N decoded tokens.
@@ -27,8 +30,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .ops import cumulative_scores, gather_kv, scatter_kv, topp_select
+from .ops import cumulative_scores, gather_kv, scatter_kv
 from .policy import TopPPolicy
+from .rules import keep_mask_to_indices, select_rows
 
 
 class TopPLayer(CacheLayerMixin):
@@ -182,8 +186,9 @@ def take_pending_cache(layer_idx: int | None) -> TopPCache | None:
 
 
 class TopPCache(Cache):
-    """A transformers Cache keeping, per layer, only the top-p tokens of the prompt plus every
-    token appended after the selection (see the module docstring).
+    """A transformers Cache keeping, per layer, only the tokens of the prompt that the policy's
+    rule selects (top-p by default) plus every token appended after the selection (see the
+    module docstring).
 
     Needs the "sparse_topp" attention (``sparse_attn.enable(model)``), which runs the selection.
     ``reserve``: decoded-token slots allocated after each selection, and added whenever they
@@ -198,6 +203,9 @@ class TopPCache(Cache):
             raise ValueError(f"TopPCache.reserve must be an int >= 0, got {reserve!r}")
         super().__init__(layer_class_to_replicate=partial(TopPLayer, reserve))
         self.policy = policy if policy is not None else TopPPolicy()
+        # Decoder layers of the model (from the attention modules' config): clips
+        # policy.shared_from_layer; None while unknown.
+        self.num_layers: int | None = None
         self._clear_stats()
 
     def _clear_stats(self) -> None:
@@ -225,20 +233,29 @@ class TopPCache(Cache):
     # --- selection (called by the sparse_topp attention function) -----------------------------
 
     def select_after_prefill(
-        self, layer_idx: int, query: Tensor, key_valid: Tensor | None, scale: float
+        self,
+        layer_idx: int,
+        query: Tensor,
+        key_valid: Tensor | None,
+        scale: float,
+        num_layers: int | None = None,
     ) -> None:
         """Score the dense prefill keys with the last n_probe queries, select, compact.
 
         query: [B, Hq, L, D] the prefill's (post-RoPE) queries; key_valid: bool [B, L], False at
-        padding, or None when there is none.
+        padding, or None when there is none; num_layers: the model's decoder layers, if known.
         """
+        if num_layers is not None:
+            self.num_layers = num_layers
         layer = self.layers[layer_idx]
         B, Hkv, L, _ = layer.keys.shape
         if key_valid is None:
             key_valid = torch.ones(B, L, dtype=torch.bool, device=layer.device)
         self._padding = (~key_valid).sum(-1).cpu()
-        probes = query[:, :, -self.policy.n_probe :]
-        scores = cumulative_scores(probes, layer.keys, scale=scale, key_mask=key_valid)
+        scores = None
+        if self._selects_itself(layer_idx):
+            probes = query[:, :, -self.policy.n_probe :]
+            scores = cumulative_scores(probes, layer.keys, scale=scale, key_mask=key_valid)
         positions = torch.arange(L, device=layer.device, dtype=torch.int32).expand(B, Hkv, L)
         self._select(
             layer_idx,
@@ -266,6 +283,10 @@ class TopPCache(Cache):
     def _reselect(self, layer_idx: int, scale: float) -> None:
         layer = self.layers[layer_idx]
         S = layer.max_length
+        valid = torch.arange(S, device=layer.device) < layer.lengths[..., None]
+        if not self._selects_itself(layer_idx):
+            self._select(layer_idx, None, valid, layer.positions[..., :S], layer.keys, layer.values)
+            return
         keys = layer.keys[:, :, :S]
         B, Hkv = layer.lengths.shape
         g = layer.probe_queries.shape[1] // Hkv
@@ -284,13 +305,25 @@ class TopPCache(Cache):
                 scores[b, h, :n] = cumulative_scores(
                     q, keys[b : b + 1, h : h + 1, :n], scale=scale
                 )[0, 0]
-        valid = torch.arange(S, device=layer.device) < layer.lengths[..., None]
         self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+
+    def shared_layer(self) -> int | None:
+        """The layer whose selection every later layer keeps: policy.shared_from_layer clipped
+        to the model's last layer (as given while the model's depth is unknown); None when
+        every layer selects for itself."""
+        K = self.policy.shared_from_layer
+        if K is None or self.num_layers is None:
+            return K
+        return min(K, self.num_layers - 1)
+
+    def _selects_itself(self, layer_idx: int) -> bool:
+        K = self.shared_layer()
+        return K is None or layer_idx == K
 
     def _select(
         self,
         layer_idx: int,
-        scores: Tensor,
+        scores: Tensor | None,
         valid: Tensor,
         positions: Tensor,
         keys: Tensor,
@@ -299,10 +332,11 @@ class TopPCache(Cache):
         """Select from ``scores`` [B, Hkv, S] and compact ``keys`` / ``values`` to the kept tokens.
 
         valid: bool [B, Hkv, S] the slots holding a token; positions: int32 [B, Hkv, S] their
-        logical positions. With granularity="layer" both are the same for every head.
+        logical positions. With granularity="layer" both are the same for every head. Layers
+        that do not select themselves (policy.shared_from_layer) get ``scores`` None.
         """
         policy, layer = self.policy, self.layers[layer_idx]
-        B, Hkv, S = scores.shape
+        B, Hkv, S = valid.shape
         is_visual = self._visual_at(positions) & valid if self.visual_mask is not None else None
         if policy.prune == "visual" and is_visual is None:
             raise RuntimeError(
@@ -311,19 +345,25 @@ class TopPCache(Cache):
                 "video_token_id, and pass input_ids"
             )
 
-        def rows(x: Tensor) -> Tensor:  # [B, Hkv, S] -> one row per selection budget
-            return x.reshape(B * Hkv, S) if policy.granularity == "kv_head" else x[:, 0]
+        def rows(x: Tensor) -> Tensor:  # [B, Hkv, ...] -> one row per selection budget
+            return x.flatten(0, 1) if policy.granularity == "kv_head" else x[:, 0]
 
-        # A per-layer budget ranks the tokens by their mass summed over the KV heads.
-        row_scores = rows(scores) if policy.granularity == "kv_head" else scores.sum(1)
-        indices, counts = topp_select(
-            row_scores,
-            policy.p,
-            valid_mask=rows(valid),
-            keep_first=policy.keep_first,
-            keep_last=policy.keep_last,
-            candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
-        )
+        K = self.shared_layer()
+        if K is not None and layer_idx < K:  # before the shared selection: every token stays
+            indices, counts = keep_mask_to_indices(rows(valid))
+        elif K is not None and layer_idx > K:  # after it: the positions layer K holds
+            indices, counts = keep_mask_to_indices(
+                rows(valid) & self._held_by(K, rows(positions), rows)
+            )
+        else:
+            # A per-layer budget ranks the tokens by their mass summed over the KV heads.
+            row_scores = rows(scores) if policy.granularity == "kv_head" else scores.sum(1)
+            indices, counts = select_rows(
+                policy,
+                row_scores,
+                valid_mask=rows(valid),
+                candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
+            )
         capacity = int(counts.max()) + layer.reserve
         compact_keys, compact_values = gather_kv(keys, values, indices, counts, capacity=capacity)
 
@@ -354,6 +394,21 @@ class TopPCache(Cache):
                 existed_visual=existed_visual,
             )
         )
+
+    def _held_by(self, layer_idx: int, positions: Tensor, rows) -> Tensor:
+        """bool, shape of ``positions`` (budget rows of logical positions, -1 for none): the
+        position is held by layer ``layer_idx``'s same row."""
+        source = self.layers[layer_idx]
+        if not source.is_compact:
+            raise RuntimeError(
+                f"TopPPolicy.shared_from_layer: layer {layer_idx} has not selected yet"
+            )
+        held_positions = rows(source.positions)  # ascending, -1 past each row's length
+        end = max(int(held_positions.max()), int(positions.max())) + 1  # a free column for -1
+        held = torch.zeros(held_positions.shape[0], end + 1, dtype=torch.bool, device=source.device)
+        held.scatter_(1, torch.where(held_positions >= 0, held_positions, end).long(), True)
+        held[:, end] = False
+        return held.gather(1, torch.where(positions >= 0, positions, end).long())
 
     def _visual_at(self, positions: Tensor) -> Tensor:
         """bool, shape of ``positions``: the token at each logical position is visual (decoded

@@ -1,29 +1,63 @@
-"""TopPPolicy: what a TopPCache keeps (SPEC section 2 and 4)."""
+"""TopPPolicy: what a TopPCache keeps (SPEC section 2 and 4), and the baseline rules it can
+name instead of top-p (the paper's Table 3 ablation: fixed ratio, fixed threshold, FastV)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 GRANULARITIES = ("layer", "kv_head")
 PRUNE_MODES = ("all", "visual")
+RULES = ("top_p", "top_k", "threshold")
 
 
 @dataclass(frozen=True)
 class TopPPolicy:
-    """Top-p KV selection rule, applied to every layer after the prefill.
+    """KV selection rule, applied to every layer after the prefill.
 
+    Every rule ranks the same cumulative attention scores of the probe queries (SPEC section 2)
+    and goes through the same cache compaction and stats. Within one budget row (a layer, or a
+    KV head with granularity="kv_head"):
+
+    - forced tokens F are always kept: the first ``keep_first`` and last ``keep_last`` valid
+      tokens, and with prune="visual" every text token;
+    - the candidates C are the row's other valid tokens (n = |C|); the rule picks among them.
+
+    rule: which candidates are kept (sparse_attn.rules implements them).
+        "top_p" (default, the paper's rule): the highest-scoring candidates until F and them
+        hold a fraction ``p`` of the row's attention mass (the topp_select op).
+        "top_k" (fixed ratio): the ``ceil(keep_ratio * n)`` highest-scoring candidates, the
+        ceiling of the float64 product as Python computes it; k counts candidates only, so a
+        row keeps exactly ``|F| + ceil(keep_ratio * n)`` tokens. Ties: lower position first.
+        "threshold" (fixed threshold): every candidate whose score is >= ``threshold`` times
+        the row's mean candidate score (sum over C / n, float64): a threshold relative to
+        uniform attention over the candidates, so one value means the same at every length.
+        The ``p`` field is ignored by "top_k" and "threshold" (still validated).
     p: keep the minimal set of tokens holding a fraction ``p`` of the probe queries' attention
         mass; 1.0 keeps every token (exactly the dense model).
+    keep_ratio: "top_k" only (required there), in (0, 1]; 1.0 keeps every token.
+    threshold: "threshold" only (required there), > 0 and finite.
     n_probe: probe queries, the last ``n_probe`` prompt positions (fewer if the prompt is shorter).
     keep_first / keep_last: the first / last valid tokens always kept (attention sinks, local
-        window); their mass counts toward ``p``.
+        window); under "top_p" their mass counts toward ``p``.
     granularity: "layer" - one budget per layer, scores summed over KV heads (the paper's rule);
-        "kv_head" - one budget per KV head, so heads keep different numbers of tokens.
+        "kv_head" - one budget per KV head, so heads keep different numbers of tokens. Every
+        rule supports both.
     reselect_every: 0 selects once, after the prefill; N > 0 re-runs the selection over the cache
         every N decoded tokens, probing with the queries decoded since the previous selection
         (at most ``n_probe`` of them).
     prune: "all" - every token is a candidate; "visual" - only image / video tokens are
         candidates, text is always kept.
+    shared_from_layer: None - every layer selects for itself. K - FastV-style pruning: layers
+        < K keep every token (token ratio 1), layer K selects with ``rule``, and every layer > K
+        keeps exactly the positions layer K kept (and, with reselect_every, keeps what layer K
+        keeps at each reselection). K is clipped to the model's last layer (num_layers - 1,
+        read from the attention modules' config.num_hidden_layers), so a shallow model still
+        prunes: FastV's K = 2 is layer 1 on a 2-layer model.
+
+    ``TopPPolicy.fastv(keep_ratio)`` builds FastV (Chen et al. 2024): the last prompt token's
+    attention at layer 2 ranks the visual tokens, a fixed fraction of them is kept for all later
+    layers.
     """
 
     p: float = 0.975
@@ -33,6 +67,19 @@ class TopPPolicy:
     granularity: str = "layer"
     reselect_every: int = 0
     prune: str = "all"
+    rule: str = "top_p"
+    keep_ratio: float | None = None
+    threshold: float | None = None
+    shared_from_layer: int | None = None
+
+    @classmethod
+    def fastv(cls, keep_ratio: float, *, layer: int = 2, **overrides) -> TopPPolicy:
+        """FastV: after ``layer`` (clipped to the model's last layer), keep the ``keep_ratio``
+        highest-attended visual tokens (ranked by the last prompt token) in every later layer;
+        text is always kept, nothing is forced by position."""
+        fields = dict(rule="top_k", keep_ratio=keep_ratio, n_probe=1, prune="visual",
+                      shared_from_layer=layer, keep_first=0, keep_last=0, granularity="layer")
+        return cls(**{**fields, **overrides})
 
     def __post_init__(self):
         # bool is an int subclass: reject it so that True cannot silently mean 1.
@@ -41,19 +88,47 @@ class TopPPolicy:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"TopPPolicy.{name} must be an int >= {minimum}, got {value!r}")
 
-        if (
-            isinstance(self.p, bool)
-            or not isinstance(self.p, (int, float))
-            or not 0.0 < self.p <= 1.0
-        ):
+        def is_number(value) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
+        if not is_number(self.p) or not 0.0 < self.p <= 1.0:
             raise ValueError(f"TopPPolicy.p must be a number in (0, 1], got {self.p!r}")
         require_int("n_probe", 1)
         require_int("keep_first", 0)
         require_int("keep_last", 0)
         require_int("reselect_every", 0)
+        if self.shared_from_layer is not None:
+            require_int("shared_from_layer", 0)
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"TopPPolicy.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
         if self.prune not in PRUNE_MODES:
             raise ValueError(f"TopPPolicy.prune must be one of {PRUNE_MODES}, got {self.prune!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"TopPPolicy.rule must be one of {RULES}, got {self.rule!r}")
+        # Each knob belongs to one rule: a knob another rule would silently ignore is an error.
+        for name, rule in (("keep_ratio", "top_k"), ("threshold", "threshold")):
+            value = getattr(self, name)
+            if self.rule != rule:
+                if value is not None:
+                    raise ValueError(
+                        f"TopPPolicy.{name} is used only by rule={rule!r}, got {name}={value!r} "
+                        f"with rule={self.rule!r}"
+                    )
+            elif value is None:
+                raise ValueError(f"TopPPolicy.{name} is required with rule={rule!r}")
+        if self.keep_ratio is not None and (
+            not is_number(self.keep_ratio) or not 0.0 < self.keep_ratio <= 1.0
+        ):
+            raise ValueError(
+                f"TopPPolicy.keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}"
+            )
+        if self.threshold is not None and (
+            not is_number(self.threshold)
+            or not math.isfinite(self.threshold)
+            or self.threshold <= 0
+        ):
+            raise ValueError(
+                f"TopPPolicy.threshold must be a finite number > 0, got {self.threshold!r}"
+            )

@@ -144,6 +144,13 @@ def test_is_correct_checks_the_first_word_exactly(completion, correct):
     assert task.is_correct("what colour is the triangle ?", completion, "red") == correct
 
 
+@pytest.mark.parametrize("completion, correct", [
+    ("answer v7", 1), ("Answer: V7.", 1), ("answer v7 v8", 1), ("answer v71", 0), ("v7", 0), ("answer", 0), ("", 0),
+])
+def test_is_correct_matches_every_word_of_a_multi_word_answer(completion, correct):
+    assert task.is_correct("", completion, "answer v7") == correct
+
+
 def test_text_only_baselines_are_far_below_the_target():
     """A model that ignores the image cannot get near 90%: majority answer per question type, and
     the stronger majority answer per exact question text, fitted on train and scored on held-out."""
