@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()
         c = correct.float().amax(-1, keepdim=True)
         rewards = {"efficiency": c * (1 - tau), "correctness": correct.float(),
-                   "joint": joint_rewards(correct, tau, gate=config.efficiency_gate)}
+                   "joint": joint_rewards(correct, tau, gate=config.efficiency_gate, weight=config.efficiency_weight)}
         proxy_grad = flat_grad(probe_support(policy, inputs, config.n_probe), params)
         row = {"step": step, "accuracy": float(correct.float().mean()), "token_ratio": float(tau.mean())}
         for name, r in rewards.items():

@@ -38,6 +38,7 @@ class SFConfig:
     prune: str = "all"
     # reward and objective
     efficiency_gate: str = "group"  # "group": the paper's C; "rollout": only correct rollouts
+    efficiency_weight: float = 1.0  # r = correct + efficiency_weight * C * (1 - tau); 1 = the paper
     advantage_eps: float = 1e-4
     beta: float = 0.04
     clip_eps: float = 0.2
@@ -68,6 +69,8 @@ class SFConfig:
         for name in ("steps", "prompts_per_step", "max_new_tokens", "inner_epochs", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.efficiency_weight >= 0:
+            raise ValueError(f"SFConfig.efficiency_weight must be >= 0, got {self.efficiency_weight}")
         if self.temperature <= 0:
             raise ValueError(f"SFConfig.temperature must be > 0 (rollouts sample), got {self.temperature}")
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields

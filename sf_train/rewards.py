@@ -10,8 +10,12 @@ from torch import Tensor
 EFFICIENCY_GATES = ("group", "rollout")
 
 
-def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group") -> Tensor:
-    """r_i = r_correct_i + C * (1 - tau_i) for each rollout of each group.
+def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group", weight: float = 1.0) -> Tensor:
+    """r_i = r_correct_i + weight * C * (1 - tau_i) for each rollout of each group.
+
+    weight = 1 is the paper's reward. A larger weight keeps the efficiency term from being
+    swamped where correctness varies within a group (tau often spans only a few hundredths over
+    the p grid, correctness a whole point).
 
     correct: {0, 1} [n_groups, G]; token_ratio: tau in [0, 1], same shape.
     gate "group" (the paper): C = 1 if any rollout of the group is correct, else 0 - an all-wrong
@@ -20,12 +24,14 @@ def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group") 
     """
     if gate not in EFFICIENCY_GATES:
         raise ValueError(f"gate must be one of {EFFICIENCY_GATES}, got {gate!r}")
+    if not weight >= 0:
+        raise ValueError(f"weight must be >= 0, got {weight!r}")
     correct = correct.to(torch.float32)
     if gate == "group":
         c = correct.amax(dim=-1, keepdim=True)
     else:
         c = correct
-    return correct + c * (1.0 - token_ratio.to(torch.float32))
+    return correct + weight * c * (1.0 - token_ratio.to(torch.float32))
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:

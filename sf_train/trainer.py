@@ -146,7 +146,7 @@ class SparsityForcingTrainer:
         correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
                                  for g in range(len(groups))] for b, s in enumerate(samples)])  # [B, G]
         tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()  # [B, G]
-        rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate)
+        rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate, weight=cfg.efficiency_weight)
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)

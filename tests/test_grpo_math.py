@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from sf_train.config import SFConfig
 from sf_train.loss import grpo_loss
 from sf_train.rewards import group_advantages, joint_rewards
 
@@ -14,6 +15,17 @@ def test_joint_reward_group_gate():
     # C = 1 in the first group (a correct rollout exists): a wrong rollout still earns 1 - tau;
     # C = 0 in the all-wrong group: no reward for pruning harder.
     torch.testing.assert_close(r, torch.tensor([[1.7, 0.5, 1.2], [0.0, 0.0, 0.0]]))
+
+
+def test_joint_reward_efficiency_weight():
+    correct, tau = torch.tensor([[1, 0, 1], [0, 0, 0]]), torch.tensor([[0.2, 0.4, 0.9], [0.1, 0.5, 0.3]])
+    r = joint_rewards(correct, tau, weight=5.0)
+    assert torch.allclose(r, torch.tensor([[1 + 5 * 0.8, 5 * 0.6, 1 + 5 * 0.1], [0.0, 0.0, 0.0]]))
+    assert torch.equal(joint_rewards(correct, tau, weight=0.0), correct.float())
+    with pytest.raises(ValueError, match="weight"):
+        joint_rewards(correct, tau, weight=-1.0)
+    with pytest.raises(ValueError, match="efficiency_weight"):
+        SFConfig(efficiency_weight=float("nan"))
 
 
 def test_joint_reward_rollout_gate():
