@@ -1,6 +1,7 @@
 """Supervised training of the tiny Qwen2.5-VL on the synthetic task, from scratch.
 
     python -m sf_train.sft --out sf_train/checkpoints/base [--minutes 15] [--seed 0]
+    python -m sf_train.sft --polish sf_train/checkpoints/base --out sf_train/checkpoints/base --threads 1
 
 Dense attention (SDPA), loss on the answer token and the end-of-sequence token only, AdamW with
 linear warm-up and cosine decay over a fixed number of steps (the vision tower at a higher learning
@@ -11,13 +12,18 @@ then the board to the task's 14x14, moving on when the training accuracy is high
 The step count, not the clock, defines the run, so the same command gives the same checkpoint;
 --minutes only stops a run early on a slower machine, and the JSON report says so. At the end,
 greedy held-out accuracy is measured and written next to the checkpoint.
+
+--polish DIR continues a finished run on the full board alone (POLISH_CONFIG: 300 steps, the
+learning rate re-warmed to 2e-4, train-split indices of run seed 7): the curriculum's last stage
+gets only ~500 steps at a decayed learning rate, and the shipped base model is the curriculum run
+(training_run.json) polished this way (polish_run.json).
 """
 import argparse
 import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -27,6 +33,7 @@ from .tiny_vlm import (
     build_model,
     build_processor,
     generate_answer,
+    load_checkpoint,
     prompt_text,
     save_checkpoint,
 )
@@ -58,6 +65,11 @@ class SFTConfig:
         (2, 1), (3, 2), (3, 3), (4, 4), (4, 6), (5, 8), (7, 10), (10, task.MAX_OBJECTS), (task.GRID, task.MAX_OBJECTS))
     advance_at: float = 0.9
     max_stage_steps: int = 250
+
+
+POLISH_CONFIG = SFTConfig(steps=300, lr=2e-4, warmup_steps=10, min_lr_ratio=0.1,
+                          curriculum=((task.GRID, task.MAX_OBJECTS),))
+POLISH_SEED = 7  # train-split indices [7e8, ...): images the curriculum run (seed 0) never saw
 
 
 def lr_factor(step: int, config: SFTConfig) -> float:
@@ -110,10 +122,15 @@ def heldout_accuracy(model, processor, count: int, batch_size: int = 64) -> dict
     return result
 
 
-def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, minutes: float) -> dict:
+def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, minutes: float,
+          init: str | None = None) -> dict:
+    """Train from scratch, or from the checkpoint ``init`` (its model config then wins)."""
     torch.set_num_threads(config.threads)
-    processor = build_processor(model_config)
-    model = build_model(model_config, processor.tokenizer, seed=seed)
+    if init:
+        model, processor, model_config = load_checkpoint(init)
+    else:
+        processor = build_processor(model_config)
+        model = build_model(model_config, processor.tokenizer, seed=seed)
     model.config._attn_implementation = "sdpa"
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr)
@@ -174,6 +191,7 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
         "heldout_accuracy": accuracy,
         "heldout_samples": config.final_eval_samples,
         "seed": seed,
+        "init": init,
         "threads": config.threads,
         "torch": torch.__version__,
         "sft_config": asdict(config),
@@ -181,7 +199,7 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
         "history": history,
     }
     save_checkpoint(out, model, processor, model_config)
-    with open(f"{out}/training_run.json", "w") as f:
+    with open(f"{out}/{'polish_run' if init else 'training_run'}.json", "w") as f:
         json.dump(report, f, indent=2)
     return report
 
@@ -193,8 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=SFTConfig.steps)
     parser.add_argument("--threads", type=int, default=SFTConfig.threads)
+    parser.add_argument("--polish", metavar="DIR", help="continue this checkpoint with POLISH_CONFIG")
     args = parser.parse_args(argv)
-    train(args.out, SFTConfig(steps=args.steps, threads=args.threads), TinyVLMConfig(), args.seed, args.minutes)
+    if args.polish:
+        config = replace(POLISH_CONFIG, threads=args.threads)
+        train(args.out, config, TinyVLMConfig(), POLISH_SEED, args.minutes, init=args.polish)
+    else:
+        train(args.out, SFTConfig(steps=args.steps, threads=args.threads), TinyVLMConfig(), args.seed, args.minutes)
 
 
 if __name__ == "__main__":
