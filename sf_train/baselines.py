@@ -176,8 +176,26 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_checkpoints(config: SFConfig, checkpoints: dict[str, str], samples: int, *, calibration: int = 32,
+                        target_ratio: float | None = None, out: str | Path | None = None) -> dict[str, dict]:
+    """compare_rules for each named checkpoint ({"before": dir, "after": dir}); with ``out``,
+    writes the reports as JSON there and the plot beside it (.png)."""
+    from .cli import device_for_rank, load_models_and_task
+
+    reports = {}
+    for name, model_dir in checkpoints.items():
+        model, _, task = load_models_and_task(config, model_dir)
+        reports[name] = compare_rules(model.to(device_for_rank()), task, config, target_ratio, samples,
+                                      calibration=calibration)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(reports, indent=2) + "\n")
+        plot_rules(reports, Path(out).with_suffix(".png"))
+    return reports
+
+
 def main(argv=None) -> None:
-    from .cli import device_for_rank, load_models_and_task, parse_overrides
+    from .cli import parse_overrides
 
     ap = argparse.ArgumentParser(prog="python -m sf_train.baselines", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory ('before')")
@@ -189,17 +207,10 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override SFConfig fields")
     args = ap.parse_args(argv)
     config = SFConfig(**parse_overrides(args.set or []))
-    reports = {}
-    for name, model_dir in (("before", args.model), ("after", args.after)):
-        if model_dir:
-            model, _, task = load_models_and_task(config, model_dir)
-            reports[name] = compare_rules(model.to(device_for_rank()), task, config, args.target, args.samples,
-                                          calibration=args.calibration)
+    checkpoints = {name: d for name, d in (("before", args.model), ("after", args.after)) if d}
+    reports = compare_checkpoints(config, checkpoints, args.samples, calibration=args.calibration,
+                                  target_ratio=args.target, out=args.out)
     print(format_table(reports))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(reports, indent=2) + "\n")
-        plot_rules(reports, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -2,27 +2,32 @@
 
 Everything is local: the synthetic VQA task, the tiny Qwen2.5-VL trained on it by sf_train.sft
 (shipped in sf_train/checkpoints/base, retrained if missing), and the Sparsity Forcing run.
-Prints a before/after table and writes report.json and plots.png into the run's out_dir.
+task=embedded_kv runs the text-only variant the same way (long-context key-value retrieval, a
+tiny Qwen2 trained by sf_train.kv_sft, shipped in sf_train/checkpoints/kv_base).
+Prints a before/after table and writes report.json and plots.png into the run's out_dir, and
+compares top-p with top-k, fixed-threshold and FastV-style pruning at matched token ratio
+before and after (sf_train.baselines: baselines.json, baselines.png).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import BASE_CHECKPOINT, run_eval, run_training
+from .baselines import compare_checkpoints, format_table
+from .cli import BASE_CHECKPOINT, EMBEDDED_TASKS, run_eval, run_training
 from .config import SFConfig
 from .evaluate import plot_reports
 
 
-def ensure_base_checkpoint(path: Path) -> None:
+def ensure_base_checkpoint(path: Path, trainer: str = "sf_train.sft") -> None:
+    """Train the base checkpoint at `path` with `trainer` (a module with main(argv)) if missing."""
     if (path / "config.json").exists():
         return
-    from . import sft
-
-    print(f"no base checkpoint at {path}: training it (sf_train.sft)")
-    sft.main(["--out", str(path)])
+    print(f"no base checkpoint at {path}: training it ({trainer})")
+    importlib.import_module(trainer).main(["--out", str(path)])
 
 
 def run_embedded_default(config: SFConfig) -> dict:
@@ -30,8 +35,9 @@ def run_embedded_default(config: SFConfig) -> dict:
     # The default names the packaged base checkpoint (found wherever sf_train is installed);
     # any other path is used as given, and a missing one is an error, not a silent substitute.
     if config.model == SFConfig.model:
-        model = BASE_CHECKPOINT
-        ensure_base_checkpoint(model)
+        embedded = EMBEDDED_TASKS.get(config.task)
+        model = embedded.checkpoint if embedded else BASE_CHECKPOINT
+        ensure_base_checkpoint(model, embedded.trainer if embedded else "sf_train.sft")
     else:
         model = Path(config.model)
         if not (model / "config.json").exists():
@@ -43,6 +49,9 @@ def run_embedded_default(config: SFConfig) -> dict:
     before = run_eval(config, str(model), p_values, config.eval_samples, str(out_dir / "before.json"))
     run_training(config)
     after = run_eval(config, str(out_dir / "final"), p_values, config.eval_samples, str(out_dir / "after.json"))
+    # The paper's Table 3 in miniature: other selection rules at top-p's token ratio, before and after.
+    rules = compare_checkpoints(config, {"before": str(model), "after": str(out_dir / "final")},
+                                config.eval_samples, out=out_dir / "baselines.json")
     minutes = (time.perf_counter() - started) / 60
 
     print(f"\nSparsity Forcing on the embedded task ({config.eval_samples} held-out samples, {minutes:.1f} min)")
@@ -54,14 +63,16 @@ def run_embedded_default(config: SFConfig) -> dict:
     reduction = before[d]["token_ratio"] / max(after[d]["token_ratio"], 1e-9)
     print(f"at p = {d:g}: token ratio {before[d]['token_ratio']:.3f} -> {after[d]['token_ratio']:.3f} "
           f"({reduction:.2f}x fewer tokens), accuracy {before[d]['accuracy']:.3f} -> {after[d]['accuracy']:.3f}")
+    print(format_table(rules))
     report = {
         "config": config.to_dict(),
         "minutes": minutes,
         "before": {str(p): r for p, r in before.items()},
         "after": {str(p): r for p, r in after.items()},
         "token_ratio_reduction_at_deploy_p": reduction,
+        "baselines": {name: {rule: r["matched"] for rule, r in report["rules"].items()} for name, report in rules.items()},
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_reports({"before": before, "after": after}, out_dir / "plots.png")
-    print(f"report: {out_dir / 'report.json'}, plots: {out_dir / 'plots.png'}")
+    print(f"report: {out_dir / 'report.json'}, plots: {out_dir / 'plots.png'}, baselines: {out_dir / 'baselines.png'}")
     return report
