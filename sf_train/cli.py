@@ -4,6 +4,10 @@
   sf-train eval  --model DIR [--p 0.975 1.0] [--samples 128] [--out report.json]  (+ report.png)
   sf-train main  [--set key=value ...]   # base model -> measure -> Sparsity Forcing -> measure
 
+task=embedded_vqa (default: synthetic VQA, tiny Qwen2.5-VL) or task=embedded_kv (text-only
+long-context key-value retrieval, tiny Qwen2) runs an embedded task whose default model is its
+packaged base checkpoint (EMBEDDED_TASKS); task=package.module:factory brings your own.
+
 Runs unchanged under torchrun (one process per device; gloo on CPU, nccl on GPU).
 """
 from __future__ import annotations
@@ -13,7 +17,9 @@ import importlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,6 +27,7 @@ import torch.distributed as dist
 from .config import SFConfig
 
 BASE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "base"
+KV_BASE_CHECKPOINT = Path(__file__).parent / "checkpoints" / "kv_base"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -42,17 +49,61 @@ def load_config(args) -> SFConfig:
     return SFConfig.from_file(args.config, **overrides) if args.config else SFConfig(**overrides)
 
 
-def load_models_and_task(config: SFConfig, model_dir: str | None = None):
-    """(policy, reference, TrainingTask). "embedded_vqa" uses the tiny VLM checkpoint; any other
-    task is "package.module:factory", factory(model_dir) -> (policy, reference, TrainingTask)."""
-    model_dir = model_dir or config.model
-    if config.task == "embedded_vqa":
-        from .datasets import embedded_vqa
-        from .tiny_vlm import load_checkpoint
+def _load_embedded_vqa(model_dir: str):
+    from .datasets import embedded_vqa
+    from .tiny_vlm import load_checkpoint
 
-        policy, processor, _ = load_checkpoint(model_dir)
-        reference, _, _ = load_checkpoint(model_dir)
-        return policy, reference, embedded_vqa(processor)
+    policy, processor, _ = load_checkpoint(model_dir)
+    reference, _, _ = load_checkpoint(model_dir)
+    return policy, reference, embedded_vqa(processor)
+
+
+def _load_embedded_kv(model_dir: str):
+    from .datasets import embedded_kv
+    from .tiny_lm import load_checkpoint
+
+    policy, tokenizer, _ = load_checkpoint(model_dir)
+    reference, _, _ = load_checkpoint(model_dir)
+    return policy, reference, embedded_kv(tokenizer)
+
+
+@dataclass(frozen=True)
+class EmbeddedTask:
+    """A task that ships with sf_train: load(model_dir) -> (policy, reference, TrainingTask), its
+    packaged base checkpoint, and the module whose main(["--out", dir]) trains that checkpoint."""
+
+    load: Callable[[str], tuple]
+    checkpoint: Path
+    trainer: str
+
+    @property
+    def train_command(self) -> str:
+        return f"python -m {self.trainer} --out {self.checkpoint}"
+
+
+EMBEDDED_TASKS = {
+    # synthetic visual QA, tiny Qwen2.5-VL
+    "embedded_vqa": EmbeddedTask(_load_embedded_vqa, BASE_CHECKPOINT, "sf_train.sft"),
+    # text-only long-context key-value retrieval, tiny Qwen2
+    "embedded_kv": EmbeddedTask(_load_embedded_kv, KV_BASE_CHECKPOINT, "sf_train.kv_sft"),
+}
+
+
+def resolve_model(config: SFConfig) -> SFConfig:
+    """The config, with SFConfig.model's default replaced by the packaged base checkpoint of its
+    embedded task (found wherever sf_train is installed); any other model path is kept as given."""
+    if config.model == SFConfig.model and config.task in EMBEDDED_TASKS:
+        return replace(config, model=str(EMBEDDED_TASKS[config.task].checkpoint))
+    return config
+
+
+def load_models_and_task(config: SFConfig, model_dir: str | None = None):
+    """(policy, reference, TrainingTask). An embedded task (EMBEDDED_TASKS: "embedded_vqa",
+    "embedded_kv") loads its tiny model's checkpoint; any other task is "package.module:factory",
+    factory(model_dir) -> (policy, reference, TrainingTask)."""
+    model_dir = model_dir or resolve_model(config).model
+    if config.task in EMBEDDED_TASKS:
+        return EMBEDDED_TASKS[config.task].load(model_dir)
     module, _, factory = config.task.partition(":")
     return getattr(importlib.import_module(module), factory)(model_dir)
 
@@ -73,6 +124,7 @@ def init_distributed() -> None:
 def run_training(config: SFConfig, resume: bool = False):
     from .trainer import SparsityForcingTrainer
 
+    config = resolve_model(config)
     torch.manual_seed(config.seed)
     policy, reference, task = load_models_and_task(config)
     trainer = SparsityForcingTrainer(config, policy, reference, task, device=device_for_rank())
@@ -126,7 +178,7 @@ def main(argv=None) -> None:
     if args.command == "train":
         run_training(config, resume=args.resume)
     elif args.command == "eval":
-        results = run_eval(config, args.model or config.model, args.p or config.eval_p,
+        results = run_eval(config, args.model or resolve_model(config).model, args.p or config.eval_p,
                            args.samples or config.eval_samples, args.out)
         print(json.dumps({str(p): r for p, r in results.items()}, indent=2))
     else:

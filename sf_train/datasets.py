@@ -1,4 +1,5 @@
-"""What the trainer needs from a dataset, and the embedded synthetic VQA task in that form."""
+"""What the trainer needs from a dataset, and the embedded synthetic tasks (visual QA, text-only
+key-value retrieval) in that form."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,4 +45,26 @@ def embedded_vqa(processor) -> TrainingTask:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         suppressed_token_ids=tuple(tokenizer.convert_tokens_to_ids(list(tiny_vlm.SPECIAL_TOKENS[2:]))),
+    )
+
+
+def embedded_kv(tokenizer) -> TrainingTask:
+    """The text-only key-value retrieval world (sf_train.kv_task) read by the tiny Qwen2's tokenizer.
+
+    The expected completion is "answer <value>" (kv_task.Sample.answer), judged by the same
+    task.is_correct as embedded_vqa. Nothing to suppress: every token is plain text. There are
+    no visual tokens, so only TopPPolicy(prune="all") applies (the SFConfig default).
+    """
+    from . import kv_task, task, tiny_lm
+
+    return TrainingTask(
+        name="embedded_kv",
+        samples=kv_task.make_samples,
+        encode=lambda samples: tiny_lm.encode_prompts(tokenizer, samples),
+        prompt=lambda s: s.prompt,
+        answer=lambda s: s.answer,
+        is_correct=task.is_correct,
+        decode=lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
