@@ -72,9 +72,9 @@ def main(argv=None) -> None:
         correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
                                  for g in range(len(groups))] for b, s in enumerate(samples)])
         tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()
-        c = correct.float().amax(-1, keepdim=True)
-        rewards = {"efficiency": c * (1 - tau), "correctness": correct.float(),
-                   "joint": joint_rewards(correct, tau, gate=config.efficiency_gate, weight=config.efficiency_weight)}
+        joint = joint_rewards(correct, tau, gate=config.efficiency_gate, weight=config.efficiency_weight)
+        efficiency = joint_rewards(correct, tau, gate=config.efficiency_gate) - correct.float()
+        rewards = {"efficiency": efficiency, "correctness": correct.float(), "joint": joint}
         proxy_grad = flat_grad(probe_support(policy, inputs, config.n_probe), params)
         row = {"step": step, "accuracy": float(correct.float().mean()), "token_ratio": float(tau.mean())}
         for name, r in rewards.items():

@@ -13,11 +13,10 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .baselines import compare_checkpoints, format_table
-from .cli import BASE_CHECKPOINT, EMBEDDED_TASKS, run_eval, run_training
+from .cli import EMBEDDED_TASKS, resolve_model, run_eval, run_training
 from .config import SFConfig
 from .evaluate import plot_reports
 
@@ -32,17 +31,15 @@ def ensure_base_checkpoint(path: Path, trainer: str = "sf_train.sft") -> None:
 
 def run_embedded_default(config: SFConfig) -> dict:
     out_dir = Path(config.out_dir)
-    # The default names the packaged base checkpoint (found wherever sf_train is installed);
-    # any other path is used as given, and a missing one is an error, not a silent substitute.
-    if config.model == SFConfig.model:
-        embedded = EMBEDDED_TASKS.get(config.task)
-        model = embedded.checkpoint if embedded else BASE_CHECKPOINT
-        ensure_base_checkpoint(model, embedded.trainer if embedded else "sf_train.sft")
-    else:
-        model = Path(config.model)
-        if not (model / "config.json").exists():
-            raise FileNotFoundError(f"no checkpoint at {model} (SFConfig.model)")
-    config = replace(config, model=str(model))
+    # The default names the packaged base checkpoint of an embedded task (found wherever sf_train
+    # is installed, trained if missing); any other path is used as given, and a missing one is an
+    # error, not a silent substitute.
+    config = resolve_model(config)
+    model = Path(config.model)
+    if config.task in EMBEDDED_TASKS and model == EMBEDDED_TASKS[config.task].checkpoint:
+        ensure_base_checkpoint(model, EMBEDDED_TASKS[config.task].trainer)
+    elif not (model / "config.json").exists():
+        raise FileNotFoundError(f"no checkpoint at {model} (SFConfig.model)")
     p_values = sorted(set(config.eval_p) | {config.deploy_p, min(config.p_grid), 1.0})
 
     started = time.perf_counter()
