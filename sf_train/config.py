@@ -39,6 +39,10 @@ class SFConfig:
     # reward and objective
     efficiency_gate: str = "group"  # "group": the paper's C; "rollout": only correct rollouts
     efficiency_weight: float = 1.0  # r = correct + efficiency_weight * C * (1 - tau); 1 = the paper
+    # beyond the paper: + soft_tau_weight * C * (smoothed tau over the grid) in the loss, the pathwise
+    # gradient of the efficiency reward that GRPO leaves out (sf_train/soft_token_ratio.py); 0 = off
+    soft_tau_weight: float = 0.0
+    soft_tau_temperature: float = 0.01
     advantage_eps: float = 1e-4
     beta: float = 0.04
     clip_eps: float = 0.2
@@ -71,6 +75,12 @@ class SFConfig:
                 raise ValueError(f"SFConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.efficiency_weight >= 0:
             raise ValueError(f"SFConfig.efficiency_weight must be >= 0, got {self.efficiency_weight}")
+        if not self.soft_tau_weight >= 0:
+            raise ValueError(f"SFConfig.soft_tau_weight must be >= 0, got {self.soft_tau_weight}")
+        if not self.soft_tau_temperature > 0:
+            raise ValueError(f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}")
+        if self.soft_tau_weight and (self.prune != "all" or self.granularity != "layer"):
+            raise ValueError("SFConfig.soft_tau_weight > 0 needs prune='all' and granularity='layer'")
         if self.temperature <= 0:
             raise ValueError(f"SFConfig.temperature must be > 0 (rollouts sample), got {self.temperature}")
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields

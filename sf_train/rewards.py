@@ -10,6 +10,19 @@ from torch import Tensor
 EFFICIENCY_GATES = ("group", "rollout")
 
 
+def efficiency_gate(correct: Tensor, gate: str = "group") -> Tensor:
+    """C of each rollout [n_groups, G] (float), from correct {0, 1} [n_groups, G].
+
+    gate "group" (the paper): C = 1 if any rollout of the group is correct, else 0 - an all-wrong
+    group gets no reward for pruning harder, which would push the model to empty answers.
+    gate "rollout": C = correct_i - only correct rollouts are rewarded for efficiency.
+    """
+    if gate not in EFFICIENCY_GATES:
+        raise ValueError(f"gate must be one of {EFFICIENCY_GATES}, got {gate!r}")
+    correct = correct.to(torch.float32)
+    return correct.amax(dim=-1, keepdim=True).expand_as(correct) if gate == "group" else correct
+
+
 def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group", weight: float = 1.0) -> Tensor:
     """r_i = r_correct_i + weight * C * (1 - tau_i) for each rollout of each group.
 
@@ -17,21 +30,12 @@ def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group", 
     swamped where correctness varies within a group (tau often spans only a few hundredths over
     the p grid, correctness a whole point).
 
-    correct: {0, 1} [n_groups, G]; token_ratio: tau in [0, 1], same shape.
-    gate "group" (the paper): C = 1 if any rollout of the group is correct, else 0 - an all-wrong
-    group gets no reward for pruning harder, which would push the model to empty answers.
-    gate "rollout": C = correct_i - only correct rollouts are rewarded for efficiency.
+    correct: {0, 1} [n_groups, G]; token_ratio: tau in [0, 1], same shape; C: efficiency_gate.
     """
-    if gate not in EFFICIENCY_GATES:
-        raise ValueError(f"gate must be one of {EFFICIENCY_GATES}, got {gate!r}")
     if not weight >= 0:
         raise ValueError(f"weight must be >= 0, got {weight!r}")
-    correct = correct.to(torch.float32)
-    if gate == "group":
-        c = correct.amax(dim=-1, keepdim=True)
-    else:
-        c = correct
-    return correct + weight * c * (1.0 - token_ratio.to(torch.float32))
+    c = efficiency_gate(correct, gate)
+    return correct.to(torch.float32) + weight * c * (1.0 - token_ratio.to(torch.float32))
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:

@@ -27,8 +27,9 @@ from .config import SFConfig
 from .datasets import TrainingTask
 from .loss import grpo_loss
 from .replay import REPLAY_ATTENTION, concat_selections, replaying
-from .rewards import group_advantages, joint_rewards
+from .rewards import efficiency_gate, group_advantages, joint_rewards
 from .rollout import Rollouts, append_completions, completion_logp, repeat_inputs, rollout
+from .soft_token_ratio import probe_scores, soft_token_ratio
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -132,6 +133,13 @@ class SparsityForcingTrainer:
             self.policy.set_attn_implementation(REPLAY_ATTENTION)
             self.policy.train()
 
+    def soft_tau(self, inputs: dict) -> Tensor:
+        """[B] the smoothed token ratio of each prompt over the p grid, differentiable in the weights."""
+        cfg = self.config
+        scores = probe_scores(self.policy, inputs, cfg.n_probe)
+        return soft_token_ratio(scores, inputs["attention_mask"].bool(), cfg.policy(cfg.deploy_p), cfg.p_grid,
+                                cfg.soft_tau_temperature)
+
     def train_step(self) -> dict[str, float]:
         cfg, task = self.config, self.task
         per_rank = cfg.prompts_per_step // self.world_size
@@ -160,6 +168,10 @@ class SparsityForcingTrainer:
                 clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, normalization=cfg.normalization,
                 max_completion_length=cfg.max_new_tokens,
             )
+            if cfg.soft_tau_weight:  # the efficiency reward's pathwise gradient, gated like the reward
+                gate = efficiency_gate(correct, cfg.efficiency_gate).mean(1).to(self.device)
+                soft_tau = self.soft_tau(inputs)
+                loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -177,6 +189,7 @@ class SparsityForcingTrainer:
             "entropy": float((entropy.detach() * batch.mask).sum() / max(n_tokens, 1.0)),
             "grad_norm": float(grad_norm),
             "zero_variance_groups": float(zero_variance.float().mean()),
+            **({"soft_token_ratio": float(soft_tau.mean())} if cfg.soft_tau_weight else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }
         for g, group in enumerate(groups):

@@ -5,7 +5,7 @@ import torch
 
 from sf_train.config import SFConfig
 from sf_train.loss import grpo_loss
-from sf_train.rewards import group_advantages, joint_rewards
+from sf_train.rewards import efficiency_gate, group_advantages, joint_rewards
 
 
 def test_joint_reward_group_gate():
@@ -33,6 +33,12 @@ def test_joint_reward_rollout_gate():
     torch.testing.assert_close(r, torch.tensor([[1.8, 0.0]]))
     with pytest.raises(ValueError, match="gate must be one of"):
         joint_rewards(torch.tensor([[1]]), torch.tensor([[0.1]]), gate="nope")
+
+
+def test_efficiency_gate():
+    correct = torch.tensor([[1, 0, 0], [0, 0, 0]])
+    assert torch.equal(efficiency_gate(correct), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(efficiency_gate(correct, "rollout"), correct.float())
 
 
 def test_group_advantages():

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import math
 import os
 
@@ -37,6 +38,26 @@ def test_short_run_logs_finite_metrics(tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     assert logged == history
     assert history[-1]["kl"] > 0.0, "the policy moved away from the reference"
+
+
+def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
+    # Every rollout correct: the gate C is open; with no efficiency reward GRPO's advantages are
+    # all 0, and with beta = 0 only the soft term can move the weights.
+    always_right = replace(toy_task(), is_correct=lambda prompt, completion, answer: 1)
+    weights = {}
+    for w in (0.0, 5.0):
+        torch.manual_seed(0)
+        config = make_config(tmp_path / str(w), steps=2, soft_tau_weight=w, beta=0.0,
+                             efficiency_weight=0.0)
+        trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), always_right)
+        history = trainer.train(progress=False)
+        weights[w] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+        if w:
+            assert all(0.0 < m["soft_token_ratio"] <= 1.0 for m in history)
+        else:
+            assert "soft_token_ratio" not in history[0]
+    assert torch.equal(weights[0.0], torch.cat([p.detach().flatten() for p in toy_model().parameters()]))
+    assert not torch.allclose(weights[0.0], weights[5.0])
 
 
 def test_resume_continues_exactly(tmp_path):
