@@ -79,12 +79,16 @@ def test_resume_continues_exactly(tmp_path):
         assert last[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def _distributed_worker(rank, world_size, port, out_dir, results):
+def _distributed_worker(rank, world_size, port, out_dir, soft_tau_weight, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(rank)
-        trainer = SparsityForcingTrainer(make_config(out_dir, steps=2), toy_model(), toy_model(), toy_task())
+        # With the soft term, every rollout counts as correct so that the gate C is open and the
+        # term's gradient (from a forward outside the DDP wrapper) must be all-reduced too.
+        task = replace(toy_task(), is_correct=lambda *_: 1) if soft_tau_weight else toy_task()
+        config = make_config(out_dir, steps=2, soft_tau_weight=soft_tau_weight)
+        trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), task)
         history = trainer.train(progress=False)
         params = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
         results[rank] = (history, params)
@@ -92,7 +96,8 @@ def _distributed_worker(rank, world_size, port, out_dir, results):
         dist.destroy_process_group()
 
 
-def test_two_process_gloo(tmp_path):
+@pytest.mark.parametrize("soft_tau_weight", [0.0, 5.0])
+def test_two_process_gloo(tmp_path, soft_tau_weight):
     import socket
 
     with socket.socket() as s:
@@ -100,7 +105,7 @@ def test_two_process_gloo(tmp_path):
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_distributed_worker, args=(2, port, tmp_path, results), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, port, tmp_path, soft_tau_weight, results), nprocs=2, join=True)
     (h0, w0), (h1, w1) = results[0], results[1]
     assert h0 == h1, "metrics are averaged over ranks"
     assert torch.equal(w0, w1), "DDP keeps the replicas identical"
