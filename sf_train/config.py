@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from sparse_attn.policy import TopPPolicy
 
 from .loss import NORMALIZATIONS
+from .replay import SelectionGradient
 from .rewards import EFFICIENCY_GATES
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def default_p_grid() -> tuple[float, ...]:
@@ -43,6 +47,10 @@ class SFConfig:
     # gradient of the efficiency reward that GRPO leaves out (sf_train/soft_token_ratio.py); 0 = off
     soft_tau_weight: float = 0.0
     soft_tau_temperature: float = 0.01
+    # beyond the paper: the training forward's completion attention takes a straight-through keep
+    # mask, so the loss also reaches which prompt tokens the selection keeps (sf_train/replay.py)
+    selection_gradient: bool = False
+    selection_gradient_temperature: float = 1.0
     advantage_eps: float = 1e-4
     beta: float = 0.04
     clip_eps: float = 0.2
@@ -50,6 +58,11 @@ class SFConfig:
     normalization: str = "grpo"
     inner_epochs: int = 1
     lr: float = 1e-5
+    # the learning rate over the run: "constant" (after warm-up), or "cosine" / "linear" decay
+    # from lr to lr * min_lr_ratio at the last step (TRL's lr_scheduler_type)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # bookkeeping
@@ -68,6 +81,11 @@ class SFConfig:
             raise ValueError("SFConfig.p_grid needs at least 2 thresholds: GRPO compares rollouts within a group")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"SFConfig.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"SFConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("SFConfig.warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got "
+                             f"{self.warmup_steps} and {self.min_lr_ratio}")
         if self.efficiency_gate not in EFFICIENCY_GATES:
             raise ValueError(f"SFConfig.efficiency_gate must be one of {EFFICIENCY_GATES}, got {self.efficiency_gate!r}")
         for name in ("steps", "prompts_per_step", "max_new_tokens", "inner_epochs", "save_every"):
@@ -79,11 +97,29 @@ class SFConfig:
             raise ValueError(f"SFConfig.soft_tau_weight must be >= 0, got {self.soft_tau_weight}")
         if not self.soft_tau_temperature > 0:
             raise ValueError(f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}")
-        if self.soft_tau_weight and (self.prune != "all" or self.granularity != "layer"):
-            raise ValueError("SFConfig.soft_tau_weight > 0 needs prune='all' and granularity='layer'")
+        for name in ("soft_tau_weight", "selection_gradient"):
+            if getattr(self, name) and (self.prune != "all" or self.granularity != "layer"):
+                raise ValueError(f"SFConfig.{name} needs prune='all' and granularity='layer', got "
+                                 f"prune={self.prune!r}, granularity={self.granularity!r}")
+        if not self.selection_gradient_temperature > 0:
+            raise ValueError(f"SFConfig.selection_gradient_temperature must be > 0, got {self.selection_gradient_temperature}")
         if self.temperature <= 0:
             raise ValueError(f"SFConfig.temperature must be > 0 (rollouts sample), got {self.temperature}")
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the update that ends step ``step + 1`` (step counts from 0)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps))
+        decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay[self.lr_schedule])
+
+    def replay_gradient(self) -> SelectionGradient | None:
+        """What the training forward's replay needs for selection_gradient (None when off)."""
+        if not self.selection_gradient:
+            return None
+        return SelectionGradient(self.n_probe, self.keep_first, self.keep_last, self.selection_gradient_temperature)
 
     def policy(self, p: float) -> TopPPolicy:
         return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,

@@ -161,7 +161,7 @@ class SparsityForcingTrainer:
         with torch.no_grad():
             logp_ref, _ = sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)
         for _ in range(cfg.inner_epochs):
-            with replaying(batch.selections, batch.prompt_length):
+            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
                 logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
             loss, stats = grpo_loss(
                 logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
@@ -175,6 +175,8 @@ class SparsityForcingTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            for group in self.optimizer.param_groups:  # a function of the step: resume stays exact
+                group["lr"] = cfg.lr_at(self.step)
             self.optimizer.step()
         self.step += 1
 
@@ -188,6 +190,7 @@ class SparsityForcingTrainer:
             "clip_fraction": stats.clip_fraction,
             "entropy": float((entropy.detach() * batch.mask).sum() / max(n_tokens, 1.0)),
             "grad_norm": float(grad_norm),
+            "lr": cfg.lr_at(self.step - 1),
             "zero_variance_groups": float(zero_variance.float().mean()),
             **({"soft_token_ratio": float(soft_tau.mean())} if cfg.soft_tau_weight else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),

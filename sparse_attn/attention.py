@@ -57,7 +57,7 @@ def sparse_topp_attention(
     )
     num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
     cache.select_after_prefill(
-        layer_idx, query, _key_validity(attention_mask), scale, num_layers=num_layers
+        layer_idx, query, key_validity(attention_mask), scale, num_layers=num_layers
     )
     return output, None
 
@@ -94,7 +94,7 @@ def _dense_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _key_validity(attention_mask: Tensor | None) -> Tensor | None:
+def key_validity(attention_mask: Tensor | None) -> Tensor | None:
     """bool [B, L] (False at padding) from the prefill's 4D mask: the last query sees every
     non-padding key. None when there is no mask (no padding)."""
     if attention_mask is None:

@@ -131,3 +131,20 @@ def test_loss_gradient_matches_straightforward(normalization):
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert (grads[0][1][mask == 0] == 0).all(), "tokens after EOS get no gradient"
+
+
+def test_lr_schedules():
+    constant = SFConfig(lr=1e-3, steps=5)
+    assert [constant.lr_at(s) for s in range(5)] == [1e-3] * 5
+    warm = SFConfig(lr=1e-3, steps=6, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.1)
+    # warm-up to lr over 2 steps, then linear from lr (step 2) to 0.1 * lr (the last step, 5)
+    expected = [5e-4, 1e-3, 1e-3, 7e-4, 4e-4, 1e-4]
+    assert [warm.lr_at(s) for s in range(6)] == pytest.approx(expected)
+    cosine = SFConfig(lr=2.0, steps=3, lr_schedule="cosine")
+    assert [cosine.lr_at(s) for s in range(3)] == pytest.approx([2.0, 1.0, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SFConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        SFConfig(min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        SFConfig(warmup_steps=-1)

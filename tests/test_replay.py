@@ -39,16 +39,17 @@ def left_padded_prompts(lengths, vocab=64, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def replayed_logp(model, inputs, groups, temperature, suppressed=()):
+def replayed_logp(model, inputs, groups, temperature, suppressed=(), gradient=None, no_grad=True):
     """The trainer's training forward over the rollouts: (log-probs, rollout log-probs, mask)."""
     batch = training_batch(inputs, groups, torch.zeros(inputs["input_ids"].shape[0], len(groups)), PAD)
     model.set_attn_implementation(REPLAY_ATTENTION)
-    with torch.no_grad(), replaying(batch.selections, batch.prompt_length):
+    with torch.set_grad_enabled(not no_grad), replaying(batch.selections, batch.prompt_length, gradient):
         logp, _ = sequence_logp(model, batch, temperature, suppressed)
     return logp, batch.logp_old, batch.mask
 
 
-def assert_replay_matches_rollouts(model, inputs, granularity, eos, pad, max_tau=0.9, suppressed=(), **policy_kw):
+def assert_replay_matches_rollouts(model, inputs, granularity, eos, pad, max_tau=0.9, suppressed=(), gradient=None,
+                                   **policy_kw):
     enable(model)
     groups = []
     for p in default_p_grid():
@@ -56,7 +57,7 @@ def assert_replay_matches_rollouts(model, inputs, granularity, eos, pad, max_tau
         groups.append(rollout(model, inputs, policy, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad,
                               temperature=1.0, suppressed=suppressed))
     assert min(float(g.token_ratio.min()) for g in groups) < max_tau, "the test must really prune"
-    logp, logp_old, mask = replayed_logp(model, inputs, groups, 1.0, suppressed)
+    logp, logp_old, mask = replayed_logp(model, inputs, groups, 1.0, suppressed, gradient)
     m = mask.bool()
     torch.testing.assert_close(logp[m], logp_old[m], rtol=0, atol=2e-5)
 

@@ -40,6 +40,15 @@ def test_short_run_logs_finite_metrics(tmp_path):
     assert history[-1]["kl"] > 0.0, "the policy moved away from the reference"
 
 
+def test_lr_schedule_is_applied_and_logged(tmp_path):
+    torch.manual_seed(0)
+    config = make_config(tmp_path, steps=3, lr_schedule="cosine", warmup_steps=1, min_lr_ratio=0.5)
+    trainer = new_trainer(config)
+    history = trainer.train(progress=False)
+    assert [m["lr"] for m in history] == pytest.approx([1e-3, 1e-3, 5e-4])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     # Every rollout correct: the gate C is open; with no efficiency reward GRPO's advantages are
     # all 0, and with beta = 0 only the soft term can move the weights.

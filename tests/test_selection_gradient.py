@@ -1,0 +1,159 @@
+"""The straight-through keep mask of the replay (SFConfig.selection_gradient): the forward is the
+recorded selection exactly, the gradient is the one written down in sf_train/replay.py."""
+import pytest
+import torch
+
+from sf_train.config import SFConfig
+from sf_train.replay import (
+    LayerSelection,
+    SelectionGradient,
+    _completion_attention,
+    _weighted_completion_attention,
+    kept_mask,
+    straight_through_keep,
+)
+from test_replay import assert_replay_matches_rollouts, left_padded_prompts, replayed_logp, tiny_qwen2
+
+
+def random_selection(gen, R, L, max_keep):
+    """Ascending kept positions per row (-1 after counts), position 0 kept in row 0."""
+    counts = torch.randint(1, max_keep + 1, (R,), generator=gen)
+    indices = torch.full((R, max_keep), -1, dtype=torch.int32)
+    for r in range(R):
+        chosen = torch.randperm(L, generator=gen)[: int(counts[r])]
+        if r == 0:
+            chosen[0] = 0
+        chosen = torch.unique(chosen)  # sorted
+        indices[r, : len(chosen)] = chosen.to(torch.int32)
+        counts[r] = len(chosen)
+    return LayerSelection(indices, counts.to(torch.int32))
+
+
+def test_kept_mask(gen):
+    R, L = 5, 23
+    selection = random_selection(gen, R, L, 9)
+    mask = kept_mask(selection, L)
+    for r in range(R):
+        expected = torch.zeros(L, dtype=torch.bool)
+        expected[selection.indices[r, : int(selection.counts[r])].long()] = True
+        assert torch.equal(mask[r], expected), r
+    assert mask[0, 0], "an unused slot (-1) must not clear position 0"
+
+
+def test_straight_through_keep_value_and_gradient(gen):
+    R, L, temperature = 4, 17, 0.7
+    scores = torch.rand(R, L, generator=gen, dtype=torch.float64) + 1e-3
+    valid = torch.ones(R, L, dtype=torch.bool)
+    valid[1, :5] = False  # left padding
+    forced = torch.zeros(R, L, dtype=torch.bool)
+    forced[:, -2:] = True
+    forced[1, 5] = True
+    kept = (scores > 0.5) | forced
+    kept[3] = forced[3]  # a row where no candidate was kept
+    kept &= valid
+    scores.requires_grad_(True)
+    keep = straight_through_keep(scores, kept, valid, forced, temperature)
+    assert torch.equal(keep.detach(), kept.double()), "the value is the recorded selection"
+
+    grad, = torch.autograd.grad(keep.sum(), scores)
+    candidates = valid & ~forced
+    s = scores.detach()
+    log_s = s.log()
+    for r in range(R):
+        kept_c = kept[r] & candidates[r]
+        boundary = log_s[r][kept_c].min() if kept_c.any() else log_s[r][candidates[r]].max()
+        sig = torch.sigmoid((log_s[r] - boundary) / temperature)
+        expected = torch.where(candidates[r], sig * (1 - sig) / (temperature * s[r]), 0.0)
+        torch.testing.assert_close(grad[r], expected)
+    assert (grad[~candidates] == 0).all() and (grad[candidates] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_attention_equals_the_compact_replay(gen, dtype):
+    B, Hq, Hkv, P, T, D = 3, 4, 2, 19, 5, 16
+    q = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, P + T, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, P + T, D, generator=gen).to(dtype)
+    k[0, :, 3] *= 40  # a dropped key scoring far above the kept ones must not overflow
+    selection = random_selection(gen, B, P, 11)
+    selection.indices[0, : int(selection.counts[0])] = torch.arange(4, 4 + int(selection.counts[0]), dtype=torch.int32)
+    keep = kept_mask(selection, P).float()
+    scale = D**-0.5
+    compact = _completion_attention(q.float(), k.float(), v.float(), P, selection, scale, 0.0)
+    weighted = _weighted_completion_attention(q, k, v, keep, scale)
+    assert weighted.dtype == dtype and weighted.shape == (B, T, Hq, D)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weighted.float(), compact, **tol)
+
+
+def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
+    B, Hq, Hkv, P, T, D = 2, 4, 2, 13, 3, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h, n in ((Hq, T), (Hkv, P + T), (Hkv, P + T)))
+    selection = random_selection(gen, B, P, 6)
+    keep = kept_mask(selection, P).double().requires_grad_(True)
+    w = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
+    loss = lambda m: (_weighted_completion_attention(q, k, v, m, 0.3) * w).sum()
+    grad, = torch.autograd.grad(loss(keep), keep)
+    eps = 1e-6
+    for b, j in [(0, int(torch.nonzero(keep[0] == 0)[0])), (1, int(torch.nonzero(keep[1] == 0)[-1])),
+                 (0, int(selection.indices[0, 0]))]:
+        bumped = keep.detach().clone()
+        bumped[b, j] += eps
+        fd = (loss(bumped) - loss(keep.detach())) / eps
+        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (b, j)
+    assert (grad[keep.detach() == 0] != 0).any(), "dropped keys get a gradient"
+
+
+def test_replay_with_selection_gradient_reproduces_rollout_logprobs():
+    gradient = SelectionGradient(n_probe=8, keep_first=1, keep_last=2, temperature=1.0)
+    assert_replay_matches_rollouts(tiny_qwen2(), left_padded_prompts([40, 27, 33]), "layer", 1, 0,
+                                   gradient=gradient, n_probe=8, keep_first=1, keep_last=2)
+
+
+def test_selection_gradient_reaches_the_probe_attention():
+    """The completion log-probs' gradient in the weights changes with the straight-through mask
+    (through the probes' queries and keys), not in the output head, whose inputs are unchanged."""
+    from sf_train.rollout import rollout
+    from sparse_attn.attention import enable
+    from sparse_attn.policy import TopPPolicy
+
+    model, inputs = tiny_qwen2(), left_padded_prompts([40, 27, 33])
+    enable(model)
+    policy = TopPPolicy(p=0.6, n_probe=8, keep_first=1, keep_last=2)
+    group = rollout(model, inputs, policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, temperature=1.0)
+    assert float(group.token_ratio.max()) < 0.9
+    grads = {}
+    for name, gradient in (("off", None), ("on", SelectionGradient(8, 1, 2))):
+        model.zero_grad()
+        logp, _, mask = replayed_logp(model, inputs, [group], 1.0, gradient=gradient, no_grad=False)
+        (logp * mask).sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    name_q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(grads["on"][name_q], grads["off"][name_q]), "probe queries get the new term"
+    torch.testing.assert_close(grads["on"]["lm_head.weight"], grads["off"]["lm_head.weight"])
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="selection_gradient needs prune='all'"):
+        SFConfig(selection_gradient=True, granularity="kv_head")
+    with pytest.raises(ValueError, match="selection_gradient_temperature"):
+        SFConfig(selection_gradient_temperature=0.0)
+    assert SFConfig().replay_gradient() is None
+    assert SFConfig(selection_gradient=True, n_probe=5).replay_gradient() == SelectionGradient(5, 4, 16, 1.0)
+
+
+def test_trainer_step_with_selection_gradient(tmp_path):
+    from sf_train.trainer import SparsityForcingTrainer
+    from toy_task import toy_model, toy_task
+
+    weights = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        config = SFConfig(out_dir=str(tmp_path / str(on)), steps=1, prompts_per_step=4, p_grid=(0.5, 0.7, 0.9, 0.975),
+                          max_new_tokens=3, n_probe=4, keep_first=1, keep_last=2, lr=1e-3, beta=0.1,
+                          selection_gradient=on)
+        trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), toy_task())
+        (metrics,) = trainer.train(progress=False)
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+        weights[on] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+    assert not torch.allclose(weights[False], weights[True])
