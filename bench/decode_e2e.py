@@ -88,12 +88,13 @@ def decode_once(
 ) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` tokens."""
     watch.start()
-    logits = model(input_ids=prompt, past_key_values=cache).logits[:, -1]
+    cache_kw = {cache_argument(model): cache}
+    logits = model(input_ids=prompt, **cache_kw).logits[:, -1]
     prefill = watch.stop()
     watch.start()
     for _ in range(new_tokens):
         token = logits.argmax(-1, keepdim=True)
-        logits = model(input_ids=token, past_key_values=cache).logits[:, -1]
+        logits = model(input_ids=token, **cache_kw).logits[:, -1]
     return prefill, watch.stop()
 
 

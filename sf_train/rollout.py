@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig
 
+from sparse_attn.attention import cache_argument
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 
@@ -96,7 +97,7 @@ def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos
         pad_token_id=pad_token_id, output_logits=sample, return_dict_in_generate=True,
         suppress_tokens=list(suppressed) or None,
     )
-    out = model.generate(**inputs, past_key_values=cache, generation_config=generation)
+    out = model.generate(**inputs, **{cache_argument(model): cache}, generation_config=generation)
     P = inputs["input_ids"].shape[1]
     completions = out.sequences[:, P:]
     logp = None

@@ -3,7 +3,8 @@
 Ops (torch.ops.sparse_attn.*, CPU and CUDA): cumulative_scores, topp_select, gather_kv,
 scatter_kv. Plain-PyTorch definitions of each: sparse_attn.reference.
 Drop-in for transformers: TopPPolicy, TopPCache and enable(model, policy) (importing sparse_attn
-registers the "sparse_topp" attention implementation). Baseline selection rules for ablations
+registers the "sparse_topp" attention implementation); cache_argument(model) names the keyword
+the installed transformers takes the cache under. Baseline selection rules for ablations
 (TopPPolicy(rule="top_k" / "threshold"), FastV-style shared_from_layer): sparse_attn.rules.
 """
 from ._extension import cuda_kernels_built, load as _load
@@ -11,7 +12,7 @@ from ._extension import cuda_kernels_built, load as _load
 _load()
 
 from . import reference  # noqa: E402
-from .attention import enable  # noqa: E402
+from .attention import cache_argument, enable  # noqa: E402
 from .cache import TopPCache  # noqa: E402
 from .ops import cumulative_scores, gather_kv, scatter_kv, topp_select  # noqa: E402
 from .policy import TopPPolicy  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "TopPPolicy",
     "TopPCache",
     "enable",
+    "cache_argument",
     "reference",
     "cuda_kernels_built",
 ]

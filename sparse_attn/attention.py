@@ -8,6 +8,7 @@ tower) it is plain SDPA.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import torch
@@ -111,16 +112,22 @@ def _visual_token_ids(config) -> list[int]:
 
 def _mark_visual_tokens(token_ids: Tensor, module, args, kwargs) -> None:
     """Forward pre-hook: tell a fresh TopPCache which prompt tokens are image / video tokens."""
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # see cache_argument
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(cache, TopPCache) and input_ids is not None and cache.get_seq_length() == 0:
         cache.visual_mask = torch.isin(input_ids, token_ids.to(input_ids.device))
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword under which ``model`` (its forward and generate) takes a cache: "cache" in
+    newer transformers releases, "past_key_values" in earlier ones (deprecated since)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn.Module:
     """Use the "sparse_topp" attention in ``model`` and return it.
 
-    Decoding prunes when a ``TopPCache`` is passed as ``past_key_values``; any other cache runs
+    Decoding prunes when a ``TopPCache`` is passed as the cache (``cache_argument(model)``); any other cache runs
     dense. On models with image / video tokens (config ``image_token_id`` / ``video_token_id``),
     a hook tells the TopPCache which prompt tokens are visual (prune="visual", visual stats).
     ``policy``, if given, is checked against the model now rather than at the first generate.

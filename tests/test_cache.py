@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_attn import reference
-from sparse_attn.attention import enable
+from sparse_attn.attention import cache_argument, enable
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 
@@ -114,10 +114,12 @@ def make_inputs(family: str, batch: int) -> dict:
 
 
 def generate(model, inputs, cache=None, seed=None, **kwargs):
+    """model.generate with the cache under the installed transformers' keyword (the direct
+    forward calls in these tests pass the older past_key_values: both must reach the cache)."""
     if seed is not None:
         torch.manual_seed(seed)
     return model.generate(
-        **inputs, past_key_values=cache, max_new_tokens=8, pad_token_id=0, **kwargs
+        **inputs, **{cache_argument(model): cache}, max_new_tokens=8, pad_token_id=0, **kwargs
     )
 
 
