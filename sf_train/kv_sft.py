@@ -2,11 +2,9 @@
 
     python -m sf_train.kv_sft --out sf_train/checkpoints/kv_base [--minutes 15] [--seed 0]
 
-Dense attention (SDPA), AdamW with linear warm-up and cosine decay over a fixed number of steps
-(sf_train.sft's schedule); every step draws fresh prompts from the train split. The step count,
-not the clock, defines the run; --minutes only stops a run early on a slower machine, and the
-JSON report says so. At the end, greedy held-out accuracy on the task (MIN_PAIRS..MAX_PAIRS
-pairs) is measured and written next to the checkpoint (training_run.json).
+Dense attention (SDPA), the loop of sf_train.sft_loop (AdamW, warm-up and cosine decay, fresh
+prompts every step, a curriculum). At the end, greedy held-out accuracy on the task
+(MIN_PAIRS..MAX_PAIRS pairs) is measured and written next to the checkpoint (training_run.json).
 
 The curriculum (KVSFTConfig.curriculum) exists because the retrieval circuit is hard to find
 from the task's own rows. Measured while building it: with the loss on one completion per
@@ -29,16 +27,14 @@ A stage ends when the teacher-forced value accuracy over the last log_every step
 advance_at, or after its max_steps; the last stage runs to the end.
 """
 import argparse
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import kv_task
-from .sft import TRAIN_INDEX_STRIDE, lr_factor
+from .sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
 from .tiny_lm import TinyLMConfig, build_model, build_tokenizer, generate_answer, save_checkpoint
 
 
@@ -151,16 +147,6 @@ def heldout_accuracy(model, tokenizer, count: int, batch_size: int = 64) -> floa
     return hits / count
 
 
-def cpu_pressure() -> str | None:
-    """The machine's CPU pressure line (Linux PSI "some avg10= avg60= avg300="), to tell a slow
-    run on a busy machine from a slow run; None where it cannot be read."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return f.readline().strip()
-    except OSError:
-        return None
-
-
 def train(out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, minutes: float) -> dict:
     torch.set_num_threads(config.threads)
     tokenizer = build_tokenizer()
@@ -171,83 +157,31 @@ def train(out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, 
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2: {n_params:,} parameters, vocabulary {len(tokenizer)}")
 
-    pressure_at_start = cpu_pressure()
-    started = time.time()
-    deadline = started + 60 * minutes
-    history, running_loss, hits, count, steps_done = [], 0.0, 0, 0, 0
-    stage_index, stage_start, stage_starts = 0, 0, [0]
-    for step in range(config.steps):
-        if time.time() > deadline:
-            print(f"time budget of {minutes} min reached at step {step}: stopping early")
-            break
-        stage = config.curriculum[stage_index]
-        first_index = seed * TRAIN_INDEX_STRIDE + step * config.batch_size
+    def batch(first_index, stage):
         samples = kv_task.make_samples("train", first_index, config.batch_size,
                                        stage.min_pairs, stage.max_pairs, stage.num_keys)
-        batch = training_batch(tokenizer, samples, stage)
-        loss, batch_hits, batch_count = batch_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_done = step + 1
-        running_loss += loss.item()
-        hits, count = hits + batch_hits, count + batch_count
-        if (step + 1) % config.log_every == 0:
-            train_acc = hits / max(count, 1)
-            record = {"step": step + 1, "stage": stage_index, "kind": stage.kind,
-                      "pairs": [stage.min_pairs, stage.max_pairs], "keys": stage.num_keys,
-                      "minutes": (time.time() - started) / 60, "loss": running_loss / config.log_every,
-                      "train_value_acc": train_acc, "lr": scheduler.get_last_lr()[0]}
-            if (step + 1) % config.eval_every == 0:
-                record["heldout_acc"] = heldout_accuracy(model, tokenizer, config.eval_samples)
-            history.append(record)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            running_loss, hits, count = 0.0, 0, 0
-            last_stage = stage_index == len(config.curriculum) - 1
-            if not last_stage and (train_acc >= config.advance_at or step + 1 - stage_start >= stage.max_steps):
-                stage_index, stage_start = stage_index + 1, step + 1
-                stage_starts.append(stage_start)
-    train_minutes = (time.time() - started) / 60
+        return training_batch(tokenizer, samples, stage)
+
+    curriculum = Curriculum(
+        stages=config.curriculum, batch_size=config.batch_size, batch=batch, loss=batch_loss,
+        heldout=lambda model: heldout_accuracy(model, tokenizer, config.eval_samples),
+        stage_fields=lambda index, stage: {"stage": index, "kind": stage.kind,
+                                           "pairs": [stage.min_pairs, stage.max_pairs], "keys": stage.num_keys},
+        stage_max_steps=lambda stage: stage.max_steps, accuracy_name="train_value_acc")
+    run = train_curriculum(model, optimizer, config, curriculum, seed, minutes)
 
     accuracy = heldout_accuracy(model, tokenizer, config.final_eval_samples)
     print(f"held-out greedy accuracy on {config.final_eval_samples} samples: {accuracy:.4f}")
-    report = {
-        "steps": steps_done,
-        "stopped_early": steps_done < config.steps,
-        "train_minutes": train_minutes,
-        "total_minutes": (time.time() - started) / 60,
-        "prompts_seen": steps_done * config.batch_size,
-        "stage_start_steps": stage_starts,
-        "parameters": n_params,
-        "heldout_accuracy": accuracy,
-        "heldout_samples": config.final_eval_samples,
-        "seed": seed,
-        "threads": config.threads,
-        "cpu_pressure": {"start": pressure_at_start, "end": cpu_pressure()},
-        "torch": torch.__version__,
-        "sft_config": asdict(config),
-        "model_config": asdict(model_config),
-        "history": history,
-    }
-    save_checkpoint(out, model, tokenizer, model_config)
-    with open(f"{out}/training_run.json", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+    return save_run(out, lambda d: save_checkpoint(d, model, tokenizer, model_config), "training_run.json", run,
+                    model, config, model_config, seed, accuracy, "prompts_seen", config.batch_size)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--minutes", type=float, default=15.0, help="stop training early after this long")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=KVSFTConfig.steps)
-    parser.add_argument("--threads", type=int, default=KVSFTConfig.threads)
+    add_run_arguments(parser, KVSFTConfig)
     args = parser.parse_args(argv)
     train(args.out, KVSFTConfig(steps=args.steps, threads=args.threads), TinyLMConfig(), args.seed, args.minutes)
 

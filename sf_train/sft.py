@@ -3,15 +3,12 @@
     python -m sf_train.sft --out sf_train/checkpoints/base [--minutes 15] [--seed 0]
     python -m sf_train.sft --polish sf_train/checkpoints/base --out sf_train/checkpoints/base --threads 1
 
-Dense attention (SDPA), loss on the answer token and the end-of-sequence token only, AdamW with
-linear warm-up and cosine decay over a fixed number of steps (the vision tower at a higher learning
-rate). Every step draws fresh samples from the train split (the world is infinite, so there is no
-epoch and no overfitting to a fixed set); each image is asked several questions, one row each, so
-the same pixels must give different answers. A curriculum grows the object count on small boards,
-then the board to the task's 14x14, moving on when the training accuracy is high (see SFTConfig).
-The step count, not the clock, defines the run, so the same command gives the same checkpoint;
---minutes only stops a run early on a slower machine, and the JSON report says so. At the end,
-greedy held-out accuracy is measured and written next to the checkpoint.
+Dense attention (SDPA), loss on the answer token and the end-of-sequence token only, the loop of
+sf_train.sft_loop (AdamW, warm-up and cosine decay, fresh samples every step, a curriculum; the
+vision tower at a higher learning rate). Each image is asked several questions, one row each, so
+the same pixels must give different answers. The curriculum grows the object count on small
+boards, then the board to the task's 14x14 (see SFTConfig). At the end, greedy held-out accuracy
+is measured and written next to the checkpoint.
 
 --polish DIR continues a finished run on the full board alone (POLISH_CONFIG: 300 steps, the
 learning rate re-warmed to 2e-4, train-split indices of run seed 7): the curriculum's last stage
@@ -20,14 +17,13 @@ gets only ~500 steps at a decayed learning rate, and the shipped base model is t
 """
 import argparse
 import json
-import math
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import task
+from .sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
 from .tiny_vlm import (
     TinyVLMConfig,
     build_model,
@@ -37,9 +33,6 @@ from .tiny_vlm import (
     prompt_text,
     save_checkpoint,
 )
-
-TRAIN_INDEX_STRIDE = 100_000_000  # run seed k trains on train-split indices [k * stride, ...)
-
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -70,14 +63,6 @@ class SFTConfig:
 POLISH_CONFIG = SFTConfig(steps=300, lr=2e-4, warmup_steps=10, min_lr_ratio=0.1,
                           curriculum=((task.GRID, task.MAX_OBJECTS),))
 POLISH_SEED = 7  # train-split indices [7e8, ...): images the curriculum run (seed 0) never saw
-
-
-def lr_factor(step: int, config: SFTConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 def training_batch(processor, samples, questions_per_image: int = 1):
@@ -134,83 +119,37 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
     model.config._attn_implementation = "sdpa"
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2.5-VL: {n_params:,} parameters, {model_config.visual_tokens_per_image} visual tokens/image")
 
-    started = time.time()
-    deadline = started + 60 * minutes
-    history, running_loss, running_hits, steps_done = [], 0.0, 0, 0
-    stage, stage_start = 0, 0
-    for step in range(config.steps):
-        if time.time() > deadline:
-            print(f"time budget of {minutes} min reached at step {step}: stopping early")
-            break
-        first_index = seed * TRAIN_INDEX_STRIDE + step * config.images_per_step
-        grid, max_objects = config.curriculum[stage]
+    def batch(first_index, stage):
+        grid, max_objects = stage
         samples = task.make_samples("train", first_index, config.images_per_step, grid, max_objects)
-        batch = training_batch(processor, samples, config.questions_per_image)
-        output = model(**batch)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_done = step + 1
+        return training_batch(processor, samples, config.questions_per_image)
 
+    def loss(model, batch):
+        output = model(**batch)
         # Teacher-forced accuracy of the answer word (the second-last token): free to compute.
         predicted = output.logits[:, -3].argmax(-1)
-        running_hits += (predicted == batch["labels"][:, -2]).float().mean().item()
-        running_loss += output.loss.item()
-        if (step + 1) % config.log_every == 0:
-            train_acc = running_hits / config.log_every
-            record = {"step": step + 1, "grid": grid, "max_objects": max_objects, "minutes": (time.time() - started) / 60,
-                      "loss": running_loss / config.log_every,
-                      "train_answer_acc": train_acc,
-                      "lr": scheduler.get_last_lr()[0]}
-            if (step + 1) % config.eval_every == 0:
-                record["heldout_acc"] = heldout_accuracy(model, processor, config.eval_samples)["overall"]
-            history.append(record)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            running_loss, running_hits = 0.0, 0
-            last_stage = stage == len(config.curriculum) - 1
-            if not last_stage and (train_acc >= config.advance_at or step + 1 - stage_start >= config.max_stage_steps):
-                stage, stage_start = stage + 1, step + 1
-    train_minutes = (time.time() - started) / 60
+        return output.loss, (predicted == batch["labels"][:, -2]).float().mean().item(), 1
+
+    curriculum = Curriculum(
+        stages=config.curriculum, batch_size=config.images_per_step, batch=batch, loss=loss,
+        heldout=lambda model: heldout_accuracy(model, processor, config.eval_samples)["overall"],
+        stage_fields=lambda index, stage: {"grid": stage[0], "max_objects": stage[1]},
+        stage_max_steps=lambda stage: config.max_stage_steps, accuracy_name="train_answer_acc")
+    run = train_curriculum(model, optimizer, config, curriculum, seed, minutes)
 
     accuracy = heldout_accuracy(model, processor, config.final_eval_samples)
     print(f"held-out greedy accuracy on {config.final_eval_samples} samples: {json.dumps(accuracy)}")
-    report = {
-        "steps": steps_done,
-        "stopped_early": steps_done < config.steps,
-        "train_minutes": train_minutes,
-        "total_minutes": (time.time() - started) / 60,
-        "images_seen": steps_done * config.images_per_step,
-        "final_stage_from_step": stage_start if stage == len(config.curriculum) - 1 else None,
-        "parameters": n_params,
-        "heldout_accuracy": accuracy,
-        "heldout_samples": config.final_eval_samples,
-        "seed": seed,
-        "init": init,
-        "threads": config.threads,
-        "torch": torch.__version__,
-        "sft_config": asdict(config),
-        "model_config": asdict(model_config),
-        "history": history,
-    }
-    save_checkpoint(out, model, processor, model_config)
-    with open(f"{out}/{'polish_run' if init else 'training_run'}.json", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+    return save_run(out, lambda d: save_checkpoint(d, model, processor, model_config),
+                    "polish_run.json" if init else "training_run.json", run, model, config, model_config, seed,
+                    accuracy, "images_seen", config.images_per_step, init=init)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--minutes", type=float, default=15.0, help="stop training early after this long")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=SFTConfig.steps)
-    parser.add_argument("--threads", type=int, default=SFTConfig.threads)
+    add_run_arguments(parser, SFTConfig)
     parser.add_argument("--polish", metavar="DIR", help="continue this checkpoint with POLISH_CONFIG")
     args = parser.parse_args(argv)
     if args.polish:
