@@ -68,6 +68,7 @@ class SFConfig:
     # bookkeeping
     save_every: int = 10
     eval_samples: int = 128
+    baseline_samples: int = 128  # held-out samples per point of `main`'s selection-rule comparison
     eval_p: tuple[float, ...] = (0.975, 1.0)
 
     def __post_init__(self):
@@ -88,7 +89,8 @@ class SFConfig:
                              f"{self.warmup_steps} and {self.min_lr_ratio}")
         if self.efficiency_gate not in EFFICIENCY_GATES:
             raise ValueError(f"SFConfig.efficiency_gate must be one of {EFFICIENCY_GATES}, got {self.efficiency_gate!r}")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "inner_epochs", "save_every"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "inner_epochs", "save_every", "eval_samples",
+                     "baseline_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.efficiency_weight >= 0:
@@ -125,9 +127,9 @@ class SFConfig:
         return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
                           granularity=self.granularity, reselect_every=0, prune=self.prune)
 
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "SFConfig":
-        """A config from YAML (.yaml / .yml) or JSON, then keyword overrides."""
+    @staticmethod
+    def file_values(path: str | Path) -> dict:
+        """The fields a YAML (.yaml / .yml) or JSON config file sets."""
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
             import yaml
@@ -135,11 +137,15 @@ class SFConfig:
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = set(values) - {f.name for f in fields(SFConfig)}
         if unknown:
             raise ValueError(f"unknown SFConfig fields in {path}: {sorted(unknown)}")
-        return cls(**{**values, **overrides})
+        return values
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "SFConfig":
+        """A config from YAML (.yaml / .yml) or JSON, then keyword overrides."""
+        return cls(**{**cls.file_values(path), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,9 @@ def run_embedded_default(config: SFConfig) -> dict:
     elif not (model / "config.json").exists():
         raise FileNotFoundError(f"no checkpoint at {model} (SFConfig.model)")
     p_values = sorted(set(config.eval_p) | {config.deploy_p, min(config.p_grid), 1.0})
+    defaults = SFConfig().to_dict()
+    print("Sparsity Forcing run, SFConfig fields off their defaults:",
+          {k: v for k, v in config.to_dict().items() if v != defaults[k]})
 
     started = time.perf_counter()
     before = run_eval(config, str(model), p_values, config.eval_samples, str(out_dir / "before.json"))
@@ -48,7 +51,7 @@ def run_embedded_default(config: SFConfig) -> dict:
     after = run_eval(config, str(out_dir / "final"), p_values, config.eval_samples, str(out_dir / "after.json"))
     # The paper's Table 3 in miniature: other selection rules at top-p's token ratio, before and after.
     rules = compare_checkpoints(config, {"before": str(model), "after": str(out_dir / "final")},
-                                config.eval_samples, out=out_dir / "baselines.json")
+                                config.baseline_samples, out=out_dir / "baselines.json")
     minutes = (time.perf_counter() - started) / 60
 
     print(f"\nSparsity Forcing on the embedded task ({config.eval_samples} held-out samples, {minutes:.1f} min)")
@@ -60,6 +63,7 @@ def run_embedded_default(config: SFConfig) -> dict:
     reduction = before[d]["token_ratio"] / max(after[d]["token_ratio"], 1e-9)
     print(f"at p = {d:g}: token ratio {before[d]['token_ratio']:.3f} -> {after[d]['token_ratio']:.3f} "
           f"({reduction:.2f}x fewer tokens), accuracy {before[d]['accuracy']:.3f} -> {after[d]['accuracy']:.3f}")
+    print(f"selection rules at top-p's token ratio ({config.baseline_samples} held-out samples):")
     print(format_table(rules))
     report = {
         "config": config.to_dict(),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sf_train import kv_task, task
+from sf_train.config import SFConfig
 from sf_train.tiny_lm import (
     TinyLMConfig,
     build_model,
@@ -118,7 +119,6 @@ def test_shipped_checkpoint_scores_90_percent_dense():
 
 def test_embedded_kv_resolves_its_packaged_checkpoint():
     from sf_train.cli import EMBEDDED_TASKS, load_models_and_task, resolve_model
-    from sf_train.config import SFConfig
 
     config = SFConfig(task="embedded_kv")
     assert Path(resolve_model(config).model) == EMBEDDED_TASKS["embedded_kv"].checkpoint
@@ -156,3 +156,23 @@ def test_main_end_to_end_smoke(tmp_path, monkeypatch):
     assert report["before"]["1.0"]["token_ratio"] == 1.0
     assert (out / "final" / "tiny_lm.json").exists() and (out / "final" / "tokenizer.json").exists()
     assert (out / "plots.png").exists()
+
+
+def test_main_applies_the_embedded_recipe_under_config_and_set(tmp_path):
+    import argparse
+
+    from sf_train.cli import EMBEDDED_TASKS, load_config
+
+    recipe = EMBEDDED_TASKS["embedded_vqa"].main_recipe
+    assert recipe, "the VQA world's main job has a recipe"
+    plain = load_config(argparse.Namespace(config=None, set=[]))
+    assert plain == SFConfig(), "train / eval take the defaults (the paper's objective)"
+    main = load_config(argparse.Namespace(config=None, set=["lr=3e-5"]), recipe=True)
+    for key, value in recipe.items():
+        assert getattr(main, key) == (3e-5 if key == "lr" else value), key
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"steps": 7}))
+    from_file = load_config(argparse.Namespace(config=str(config_file), set=[]), recipe=True)
+    assert from_file.steps == 7 and from_file.soft_tau_weight == recipe["soft_tau_weight"]
+    kv = load_config(argparse.Namespace(config=None, set=["task=embedded_kv"]), recipe=True)
+    assert kv == SFConfig(task="embedded_kv", **EMBEDDED_TASKS["embedded_kv"].main_recipe)
