@@ -30,7 +30,7 @@ from run_op_bench import RESULTS, environment  # bench/run_op_bench.py
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from sparse_attn.attention import FLASH_FIRST, enable
+from sparse_attn.attention import FLASH_FIRST, cache_argument, enable
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 

@@ -192,7 +192,7 @@ class SparsityForcingTrainer:
             "grad_norm": float(grad_norm),
             "lr": cfg.lr_at(self.step - 1),
             "zero_variance_groups": float(zero_variance.float().mean()),
-            **({"soft_token_ratio": float(soft_tau.mean())} if cfg.soft_tau_weight else {}),
+            **({"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }
         for g, group in enumerate(groups):

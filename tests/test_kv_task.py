@@ -145,7 +145,7 @@ def test_main_end_to_end_smoke(tmp_path, monkeypatch):
                         lambda *a, **kw: compare(*a, **{**kw, "calibration": 4}))
     out = tmp_path / "run"
     cli.main(["main", "--set", "task=embedded_kv", "steps=1", "prompts_per_step=2", "eval_samples=4",
-              "p_grid=[0.9,0.975]", "eval_p=[0.975]", "save_every=1", f"out_dir={out}"])
+              "baseline_samples=4", "p_grid=[0.9,0.975]", "eval_p=[0.975]", "save_every=1", f"out_dir={out}"])
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["task"] == "embedded_kv"
     assert Path(report["config"]["model"]) == cli.KV_BASE_CHECKPOINT
