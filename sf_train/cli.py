@@ -93,7 +93,8 @@ EMBEDDED_TASKS = {
     # synthetic visual QA, tiny Qwen2.5-VL. The paper's objective does not move the token ratio
     # here (its efficiency gradient is zero in expectation); the pathwise term does.
     "embedded_vqa": EmbeddedTask(_load_embedded_vqa, BASE_CHECKPOINT, "sf_train.sft", dict(
-        soft_tau_weight=3.0, lr=1e-4, steps=150, prompts_per_step=16, eval_samples=1024, baseline_samples=256)),
+        soft_tau_weight=3.0, lr=1e-4, steps=150, prompts_per_step=16, temperature=0.7, eval_samples=1024,
+        baseline_samples=128)),
     # text-only long-context key-value retrieval, tiny Qwen2. Here answers are decoded through the
     # pruned cache; the straight-through selection gradient makes them hold under pruning.
     "embedded_kv": EmbeddedTask(_load_embedded_kv, KV_BASE_CHECKPOINT, "sf_train.kv_sft", dict(

@@ -68,8 +68,13 @@ def plot_reports(reports: dict[str, dict], path: str | Path) -> None:
             ax_acc.annotate(f"p={float(p):g}", (results[p]["token_ratio"], results[p]["accuracy"]), fontsize=7)
         deploy = ps[0] if len(ps) == 1 else [p for p in ps if float(p) < 1.0][-1]
         ax_layer.plot(results[deploy]["layer_ratios"], "o-", label=f"{name}, p={float(deploy):g}")
-    ax_acc.set(xlabel="token ratio (kept / existing)", ylabel="accuracy", title="accuracy vs token ratio")
+    # At least a 10-point accuracy span: a one-sample difference must not fill the axis.
+    low, high = ax_acc.get_ylim()
+    middle, half = (low + high) / 2, max((high - low) / 2, 0.05)
+    ax_acc.set(xlabel="token ratio (kept / existing)", ylabel="accuracy", title="accuracy vs token ratio",
+               xlim=(0, 1.05), ylim=(max(0.0, middle - half), min(1.0, middle + half) + 0.005))
     ax_layer.set(xlabel="layer", ylabel="token ratio", title="per-layer retention", ylim=(0, 1.05))
+    ax_layer.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.legend()
     ax_layer.legend()
     fig.tight_layout()

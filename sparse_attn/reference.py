@@ -1,7 +1,9 @@
 """Plain-PyTorch definitions of the ops, with the signatures of sparse_attn.ops.
 
 They are the specification the kernels are tested against: written for clarity (full softmax
-matrix, full sort), not speed, and they do not validate their inputs (the ops do).
+matrix, full sort), not speed, and they do not validate their inputs (the ops do). Being plain
+differentiable PyTorch, they are also what code that needs gradients through a selection uses
+(sf_train's smoothed token ratio and straight-through keep mask) and the baseline rules' forced set.
 """
 from __future__ import annotations
 
