@@ -119,6 +119,8 @@ def replay_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if gradient is None:
         completion_out = _completion_attention(query[:, :, P:], key, value, P, selection, scale, dropout)
     else:
+        if dropout:
+            raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
         keep = _layer_keep(query[:, :, :P], key[:, :, :P], key_validity(prompt_mask), selection, scale, gradient)
         completion_out = _weighted_completion_attention(query[:, :, P:], key, value, keep, scale)
     return torch.cat([prompt_out, completion_out], dim=1), None
