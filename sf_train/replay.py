@@ -32,6 +32,7 @@ from sparse_attn import gather_kv
 from sparse_attn.attention import key_validity
 from sparse_attn.cache import TopPCache
 from sparse_attn.reference import cumulative_scores, forced_positions
+from sparse_attn.rules import indices_to_keep_mask
 
 REPLAY_ATTENTION = "sparse_topp_replay"
 
@@ -126,15 +127,6 @@ def replay_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat([prompt_out, completion_out], dim=1), None
 
 
-def kept_mask(selection: LayerSelection, length: int) -> Tensor:
-    """bool [R, length]: the positions a layer selection kept."""
-    indices = selection.indices.long()
-    used = torch.arange(indices.shape[1], device=indices.device) < selection.counts[:, None].to(indices.device)
-    kept = torch.zeros(indices.shape[0], length + 1, dtype=torch.bool, device=indices.device)
-    kept.scatter_(1, torch.where(used, indices, length), True)  # unused slots land in column `length`
-    return kept[:, :length]
-
-
 def straight_through_keep(scores: Tensor, kept: Tensor, valid: Tensor, forced: Tensor, temperature: float) -> Tensor:
     """float [R, L]: ``kept`` (0/1) in value; in gradient, each candidate's
     sigmoid((log score - log boundary) / temperature), the boundary being the row's lowest kept
@@ -160,7 +152,7 @@ def _layer_keep(query, key, valid, selection: LayerSelection, scale, gradient: S
     probes = query[:, :, -gradient.n_probe:]
     scores = cumulative_scores(probes, key, scale=scale, key_mask=valid).sum(1)  # the layer's budget
     forced = forced_positions(valid, gradient.keep_first, gradient.keep_last, None)
-    return straight_through_keep(scores, kept_mask(selection, P) & valid, valid, forced, gradient.temperature)
+    return straight_through_keep(scores, indices_to_keep_mask(selection.indices, P) & valid, valid, forced, gradient.temperature)
 
 
 def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Tensor:

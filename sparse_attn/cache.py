@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .ops import cumulative_scores, gather_kv, scatter_kv
 from .policy import TopPPolicy
-from .rules import keep_mask_to_indices, select_rows
+from .rules import indices_to_keep_mask, keep_mask_to_indices, select_rows
 
 
 class TopPLayer(CacheLayerMixin):
@@ -404,10 +405,8 @@ class TopPCache(Cache):
                 f"TopPPolicy.shared_from_layer: layer {layer_idx} has not selected yet"
             )
         held_positions = rows(source.positions)  # ascending, -1 past each row's length
-        end = max(int(held_positions.max()), int(positions.max())) + 1  # a free column for -1
-        held = torch.zeros(held_positions.shape[0], end + 1, dtype=torch.bool, device=source.device)
-        held.scatter_(1, torch.where(held_positions >= 0, held_positions, end).long(), True)
-        held[:, end] = False
+        end = max(int(held_positions.max()), int(positions.max())) + 1
+        held = F.pad(indices_to_keep_mask(held_positions, end), (0, 1))  # column `end`: False, for -1
         return held.gather(1, torch.where(positions >= 0, positions, end).long())
 
     def _visual_at(self, positions: Tensor) -> Tensor:

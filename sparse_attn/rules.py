@@ -88,6 +88,14 @@ def keep_mask_to_indices(keep: Tensor) -> tuple[Tensor, Tensor]:
     return indices, keep.sum(-1).to(torch.int32)
 
 
+def indices_to_keep_mask(indices: Tensor, length: int) -> Tensor:
+    """int [R, N] positions (entries < 0: free slots) -> bool [R, length], True at each row's
+    listed positions; the inverse of keep_mask_to_indices."""
+    keep = torch.zeros(indices.shape[0], length + 1, dtype=torch.bool, device=indices.device)
+    keep.scatter_(1, torch.where(indices >= 0, indices, length).long(), True)  # free slots: column `length`
+    return keep[:, :length]
+
+
 def _row_masks(scores, valid_mask, keep_first, keep_last, candidate_mask):
     """(forced, candidate) bool [R, L], after checking the scores of the valid tokens."""
     if scores.dim() != 2 or scores.dtype != torch.float32:

@@ -9,9 +9,9 @@ from sf_train.replay import (
     SelectionGradient,
     _completion_attention,
     _weighted_completion_attention,
-    kept_mask,
     straight_through_keep,
 )
+from sparse_attn.rules import indices_to_keep_mask
 from test_replay import assert_replay_matches_rollouts, left_padded_prompts, replayed_logp, tiny_qwen2
 
 
@@ -29,10 +29,10 @@ def random_selection(gen, R, L, max_keep):
     return LayerSelection(indices, counts.to(torch.int32))
 
 
-def test_kept_mask(gen):
+def test_indices_to_keep_mask(gen):
     R, L = 5, 23
     selection = random_selection(gen, R, L, 9)
-    mask = kept_mask(selection, L)
+    mask = indices_to_keep_mask(selection.indices, L)
     for r in range(R):
         expected = torch.zeros(L, dtype=torch.bool)
         expected[selection.indices[r, : int(selection.counts[r])].long()] = True
@@ -77,7 +77,7 @@ def test_weighted_attention_equals_the_compact_replay(gen, dtype):
     k[0, :, 3] *= 40  # a dropped key scoring far above the kept ones must not overflow
     selection = random_selection(gen, B, P, 11)
     selection.indices[0, : int(selection.counts[0])] = torch.arange(4, 4 + int(selection.counts[0]), dtype=torch.int32)
-    keep = kept_mask(selection, P).float()
+    keep = indices_to_keep_mask(selection.indices, P).float()
     scale = D**-0.5
     compact = _completion_attention(q.float(), k.float(), v.float(), P, selection, scale, 0.0)
     weighted = _weighted_completion_attention(q, k, v, keep, scale)
@@ -90,7 +90,7 @@ def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
     B, Hq, Hkv, P, T, D = 2, 4, 2, 13, 3, 8
     q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h, n in ((Hq, T), (Hkv, P + T), (Hkv, P + T)))
     selection = random_selection(gen, B, P, 6)
-    keep = kept_mask(selection, P).double().requires_grad_(True)
+    keep = indices_to_keep_mask(selection.indices, P).double().requires_grad_(True)
     w = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
     loss = lambda m: (_weighted_completion_attention(q, k, v, m, 0.3) * w).sum()
     grad, = torch.autograd.grad(loss(keep), keep)
