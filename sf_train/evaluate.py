@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import TrainingTask
+from .tasks import TrainingTask
 from .rollout import rollout
 
 
