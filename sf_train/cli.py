@@ -1,4 +1,4 @@
-"""sf-train / python -m sf_train: train, eval, baselines, and main (the embedded default end to end).
+"""sf-train / python -m sf_train: train, eval, baselines, main (the embedded default, end to end).
 
   sf-train train [--config run.yaml] [--set key=value ...] [--resume]
   sf-train eval  --model DIR [--p 0.975 1.0] [--samples 128] [--out report.json]  (+ report.png)
@@ -12,6 +12,7 @@ own. `sf-train train --help` lists every SFConfig field with its default and mea
 
 Runs unchanged under torchrun (one process per device; gloo on CPU, nccl on GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ from .worlds.registry import resolve_model
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON file of SFConfig fields")
-    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields (listed below)")
+    parser.add_argument(
+        "--set", nargs="*", metavar="KEY=VALUE", help="override config fields (listed below)"
+    )
 
 
 def main(argv=None) -> None:
@@ -34,45 +37,76 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     fields_help = SFConfig.help_text()
     commands = {
-        "train": "Sparsity Forcing on the config's model and task; the final weights go to out_dir/final",
+        "train": "Sparsity Forcing on the config's model and task; final weights in out_dir/final",
         "eval": "accuracy and token ratio of a checkpoint at thresholds p",
-        "baselines": "top-p against top-k, threshold and FastV-style pruning at a matched token ratio",
+        "baselines": "top-p against top-k, threshold and FastV pruning at a matched token ratio",
         "main": "the embedded default: base model -> measure -> Sparsity Forcing -> measure",
     }
     for name, description in commands.items():
-        p = sub.add_parser(name, help=description, description=description, epilog=fields_help,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=description,
+            description=description,
+            epilog=fields_help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _config_arguments(p)
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+            p.add_argument(
+                "--resume", action="store_true", help="continue from out_dir's checkpoint"
+            )
         if name == "eval":
             p.add_argument("--model", help="checkpoint directory (default: the config's model)")
             p.add_argument("--p", type=float, nargs="+", help="thresholds (default: config eval_p)")
-            p.add_argument("--samples", type=int, help="held-out samples (default: config eval_samples)")
+            p.add_argument(
+                "--samples", type=int, help="held-out samples (default: config eval_samples)"
+            )
             p.add_argument("--out", help="write the report as JSON here")
         if name == "baselines":
             p.add_argument("--model", required=True, help="checkpoint directory ('before')")
-            p.add_argument("--after", help="a second checkpoint, e.g. after Sparsity Forcing ('after')")
-            p.add_argument("--samples", type=int, default=32, help="held-out samples per evaluation")
-            p.add_argument("--calibration", type=int, default=32, help="train samples that tune the knobs")
-            p.add_argument("--target", type=float, help="token ratio to match (default: top-p's at deploy_p)")
-            p.add_argument("--out", help="write the reports as JSON here (and the plot beside it, .png)")
+            p.add_argument(
+                "--after", help="a second checkpoint, e.g. after Sparsity Forcing ('after')"
+            )
+            p.add_argument(
+                "--samples", type=int, default=32, help="held-out samples per evaluation"
+            )
+            p.add_argument(
+                "--calibration", type=int, default=32, help="train samples that tune the knobs"
+            )
+            p.add_argument(
+                "--target", type=float, help="token ratio to match (default: top-p's at deploy_p)"
+            )
+            p.add_argument(
+                "--out", help="write the reports as JSON here (and the plot beside it, .png)"
+            )
     args = ap.parse_args(argv)
     init_distributed()
     config = experiments.load_config(args, recipe=args.command == "main")
     if args.command == "train":
         experiments.run_training(config, resume=args.resume)
     elif args.command == "eval":
-        results = experiments.run_eval(config, args.model or resolve_model(config).model, args.p or config.eval_p,
-                                       args.samples or config.eval_samples, args.out)
+        results = experiments.run_eval(
+            config,
+            args.model or resolve_model(config).model,
+            args.p or config.eval_p,
+            args.samples or config.eval_samples,
+            args.out,
+        )
         print(json.dumps({str(p): r for p, r in results.items()}, indent=2))
     elif args.command == "baselines":
         checkpoints = {name: d for name, d in (("before", args.model), ("after", args.after)) if d}
-        reports = experiments.compare_checkpoints(config, checkpoints, args.samples, calibration=args.calibration,
-                                                  target_ratio=args.target, out=args.out)
+        reports = experiments.compare_checkpoints(
+            config,
+            checkpoints,
+            args.samples,
+            calibration=args.calibration,
+            target_ratio=args.target,
+            out=args.out,
+        )
         print(format_table(reports))
     else:
         experiments.run_embedded_default(config)
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 Everything runs unchanged under torchrun: one process per device, gloo on CPU, nccl on GPU.
 Without torch.distributed (a plain ``python`` run) there is one rank, rank 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
-    return {k: float(v) / world()[1] for k, v in zip(keys, t)}
+    return {k: float(v) / world()[1] for k, v in zip(keys, t, strict=True)}
 
 
 def device_for_rank() -> torch.device:

@@ -4,6 +4,7 @@ Samples are pure functions of (split, index): the train split uses seeds [0, 1e9
 split seeds [1e9, 2e9), so the two never share a sample. Answers are judged by is_correct, the
 same rule in both worlds. The tiny models' tokenizers share PAD / EOS / UNK (Qwen's spelling).
 """
+
 import re
 import string
 
@@ -32,4 +33,4 @@ def is_correct(prompt: str, completion: str, answer: str) -> int:
     """
     del prompt
     words, expected = normalise(completion), normalise(answer)
-    return int(bool(expected) and words[:len(expected)] == expected)
+    return int(bool(expected) and words[: len(expected)] == expected)

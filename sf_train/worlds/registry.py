@@ -4,12 +4,13 @@ The one place that knows the worlds: the library (sf_train/*.py) trains and eval
 TrainingTask, and the face (sf_train/cli.py, sf_train/experiments.py) finds a task and its models
 here, from SFConfig.task and SFConfig.model.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from ..config import SFConfig
 from .kv.world import KV_BASE_CHECKPOINT, _load_embedded_kv
@@ -36,13 +37,28 @@ class EmbeddedTask:
 EMBEDDED_TASKS = {
     # synthetic visual QA, tiny Qwen2.5-VL. The paper's objective does not move the token ratio
     # here (its efficiency gradient is zero in expectation); the pathwise term does.
-    "embedded_vqa": EmbeddedTask(_load_embedded_vqa, BASE_CHECKPOINT, "sf_train.worlds.vqa.sft", dict(
-        soft_tau_weight=3.0, lr=1e-4, steps=150, prompts_per_step=16, temperature=0.7, eval_samples=1024,
-        baseline_samples=128)),
+    "embedded_vqa": EmbeddedTask(
+        _load_embedded_vqa,
+        BASE_CHECKPOINT,
+        "sf_train.worlds.vqa.sft",
+        dict(
+            soft_tau_weight=3.0,
+            lr=1e-4,
+            steps=150,
+            prompts_per_step=16,
+            temperature=0.7,
+            eval_samples=1024,
+            baseline_samples=128,
+        ),
+    ),
     # text-only long-context key-value retrieval, tiny Qwen2. Here answers are decoded through the
     # pruned cache; the straight-through selection gradient makes them hold under pruning.
-    "embedded_kv": EmbeddedTask(_load_embedded_kv, KV_BASE_CHECKPOINT, "sf_train.worlds.kv.sft", dict(
-        selection_gradient=True, lr=5e-5, steps=150, eval_samples=1024, baseline_samples=256)),
+    "embedded_kv": EmbeddedTask(
+        _load_embedded_kv,
+        KV_BASE_CHECKPOINT,
+        "sf_train.worlds.kv.sft",
+        dict(selection_gradient=True, lr=5e-5, steps=150, eval_samples=1024, baseline_samples=256),
+    ),
 }
 
 
@@ -63,7 +79,9 @@ def load_models_and_task(config: SFConfig, model_dir: str | None = None):
     if config.task in EMBEDDED_TASKS:
         return EMBEDDED_TASKS[config.task].load(model_dir)
     if not model_dir:
-        raise ValueError(f"SFConfig.model is empty: task {config.task!r} is not an embedded task "
-                         f"({sorted(EMBEDDED_TASKS)}), so name its checkpoint directory with model=DIR")
+        raise ValueError(
+            f"SFConfig.model is empty: task {config.task!r} is not an embedded task "
+            f"({sorted(EMBEDDED_TASKS)}), so name its checkpoint directory with model=DIR"
+        )
     module, _, factory = config.task.partition(":")
     return getattr(importlib.import_module(module), factory)(model_dir)

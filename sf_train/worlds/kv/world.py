@@ -1,4 +1,5 @@
 """The text-only key-value retrieval world as a TrainingTask, and its shipped base checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path

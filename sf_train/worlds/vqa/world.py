@@ -1,4 +1,5 @@
 """The synthetic visual QA world as a TrainingTask, and its shipped base checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path
