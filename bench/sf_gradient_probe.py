@@ -15,7 +15,7 @@ zero (pure sampling noise) gives ~1/sqrt(K); one with a real direction stays nea
 by the prompt and p before anything is sampled, so on-policy the efficiency reward's expected
 gradient is zero wherever the gate C is 1: E[A(p) grad log pi_p(o)] = A(p) E[grad log pi_p(o)] = 0.
 
-    python bench/sf_gradient_probe.py --model sf_train/checkpoints/base --batches 4 \
+    python bench/sf_gradient_probe.py --model sf_train/worlds/vqa/checkpoint --batches 4 \
         [--resamples 16] [--set lr=... temperature=...] [--out bench/results/sf_gradient_probe.json]
 """
 from __future__ import annotations

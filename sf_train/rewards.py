@@ -1,4 +1,4 @@
-"""Sparsity Forcing's joint reward and GRPO's group-relative advantage (SPEC section 5).
+"""Sparsity Forcing's joint reward and GRPO's group-relative advantage (docs/design.md#the-trainer).
 
 A group is the rollouts of one prompt, one per threshold p of the grid (multi-budget rollouts).
 score_rollouts reads a step's rollouts into the two inputs of the reward, correctness and token

@@ -1,4 +1,5 @@
-"""The Sparsity Forcing loop: multi-budget rollouts -> joint reward -> GRPO update (SPEC section 5).
+"""The Sparsity Forcing loop: multi-budget rollouts -> joint reward -> GRPO update
+(docs/design.md#the-trainer).
 
 One step: each prompt is decoded once per threshold p of the grid through a TopPCache (the
 deployment pipeline), each rollout is scored r = correct + C * (1 - tau), advantages are

@@ -91,7 +91,7 @@ def shipped_accuracy():
 
 
 def test_shipped_checkpoint_is_small_and_reaches_90_percent(shipped_accuracy):
-    """The shipped base model (issue 5): a few MB, and dense greedy accuracy >= 90% on a fixed
+    """The shipped base model (docs/design.md#the-worlds): a few MB, and dense greedy accuracy >= 90% on a fixed
     held-out slice (91.4% on 1024 held-out samples, sf_train/worlds/vqa/checkpoint/polish_run.json)."""
     assert (BASE_CHECKPOINT / "model.safetensors").stat().st_size < 8 * 2**20
     assert shipped_accuracy >= 0.9

@@ -12,8 +12,9 @@ Question types (balanced: sample ``index`` has type ``QUESTION_TYPES[index % 4]`
 - ``exists``           "is there a blue square ?"         yes / no; both the colour and the shape
                        appear on other objects, so neither word alone gives the answer
 
-Every answer is one word. It is also the first generated token, which comes from the dense
-prefill (SPEC section 4), so on this task pruning the cache cannot change an answer: see
+Every answer is one word. It is also the first generated token: under the dense prefill
+(docs/design.md#the-prefill) it never sees the pruned cache, so there pruning cannot change an
+answer: see
 bench/sparsity_forcing_experiments.md. Samples are pure functions of (split, index): the train split uses
 seeds [0, 1e9), the held-out split seeds [1e9, 2e9), so the two never share a scene.
 """
