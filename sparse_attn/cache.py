@@ -166,6 +166,18 @@ class Selection:
         return self.kept_visual[has_visual] / self.existed_visual[has_visual, None]
 
 
+def _raise_if_nonfinite(layer_idx: int, scores: Tensor, valid: Tensor, error: Exception) -> None:
+    """After a failed selection: name the layer when its scores hold NaN / inf (docs/limits.md).
+    cumulative_scores makes a probe row NaN whenever its logits are (as the softmax would), so
+    NaN / inf in a layer's queries or keys end here instead of as a silent selection."""
+    if not bool(torch.isfinite(scores[valid]).all()):
+        raise RuntimeError(
+            f"TopPCache layer {layer_idx}: the attention scores of the probe queries are NaN or "
+            "inf, so no tokens can be selected (this layer's queries or keys hold NaN / inf, "
+            "e.g. after an fp16 / bf16 overflow)"
+        ) from error
+
+
 # The attention function does not receive the cache (transformers hands it to the attention
 # module, which calls update() and then the attention function), so TopPCache.update leaves a
 # note of the layer it just updated for the attention call that follows it in the same thread.
@@ -359,12 +371,16 @@ class TopPCache(Cache):
         else:
             # A per-layer budget ranks the tokens by their mass summed over the KV heads.
             row_scores = rows(scores) if policy.granularity == "kv_head" else scores.sum(1)
-            indices, counts = select_rows(
-                policy,
-                row_scores,
-                valid_mask=rows(valid),
-                candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
-            )
+            try:
+                indices, counts = select_rows(
+                    policy,
+                    row_scores,
+                    valid_mask=rows(valid),
+                    candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
+                )
+            except (RuntimeError, ValueError) as error:
+                _raise_if_nonfinite(layer_idx, row_scores, rows(valid), error)
+                raise
         capacity = int(counts.max()) + layer.reserve
         compact_keys, compact_values = gather_kv(keys, values, indices, counts, capacity=capacity)
 
