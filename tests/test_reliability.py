@@ -15,7 +15,7 @@ from test_cache import TEXT, generate, make_inputs, make_model
 
 import sparse_attn
 import sparse_attn.reference as ref
-from sparse_attn.attention import enable
+from sparse_attn.attention import cache_argument, enable
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 
@@ -140,3 +140,198 @@ def test_nonfinite_scores_on_reselection_name_the_layer():
             generate(model, make_inputs("llama", 1), cache)
     finally:
         handle.remove()
+
+
+# --- sliding windows: refused at enable() unless the window can never apply ---------------------
+
+SMALL = {k: v for k, v in TEXT.items() if k != "max_position_embeddings"}  # the family's default
+MOE = dict(num_experts=2, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def _tiny(config_class, model_class, **overrides):
+    torch.manual_seed(0)
+    return model_class(config_class(**{**TEXT, **overrides})).eval()
+
+
+WINDOWED = {
+    # families that window every layer whenever config.sliding_window is set
+    "mistral_default": lambda: _tiny(
+        transformers.MistralConfig, transformers.MistralForCausalLM, max_position_embeddings=32768
+    ),
+    "mistral": lambda: _tiny(
+        transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=8
+    ),
+    "mixtral": lambda: _tiny(
+        transformers.MixtralConfig, transformers.MixtralForCausalLM, sliding_window=8,
+        num_local_experts=2,
+    ),
+    "qwen3_moe": lambda: _tiny(
+        transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, use_sliding_window=True,
+        sliding_window=8, **MOE,
+    ),
+    "phi3": lambda: _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM, sliding_window=8),
+    "starcoder2": lambda: _tiny(
+        transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM, sliding_window=8
+    ),
+    # families that window the layers typed "sliding_attention"
+    "qwen2": lambda: _tiny(
+        transformers.Qwen2Config, transformers.Qwen2ForCausalLM, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1,
+    ),
+    "qwen3": lambda: _tiny(
+        transformers.Qwen3Config, transformers.Qwen3ForCausalLM, use_sliding_window=True,
+        sliding_window=8, max_window_layers=0,
+    ),
+    "gemma2": lambda: _tiny(
+        transformers.Gemma2Config, transformers.Gemma2ForCausalLM, sliding_window=8, head_dim=16
+    ),
+}
+
+FULL = {
+    "mistral_no_window": lambda: _tiny(
+        transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=None,
+        max_position_embeddings=32768,
+    ),
+    "mixtral_default": lambda: _tiny(
+        transformers.MixtralConfig, transformers.MixtralForCausalLM, num_local_experts=2
+    ),
+    "qwen3_moe_default": lambda: _tiny(
+        transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, **MOE
+    ),
+    "qwen2_moe_default": lambda: _tiny(  # sliding_window=0 there when unused
+        transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+        shared_expert_intermediate_size=32, **MOE,
+    ),
+    "phi3_default": lambda: _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    # use_sliding_window, but max_window_layers >= the layers: every layer is full attention
+    "qwen2_window_above_every_layer": lambda: _tiny(
+        transformers.Qwen2Config, transformers.Qwen2ForCausalLM, use_sliding_window=True,
+        sliding_window=8, max_window_layers=2,
+    ),
+    # a window of at least max_position_embeddings (as Phi-3-mini-128k's) never applies
+    "phi3_window_beyond_positions": lambda: _tiny(
+        transformers.Phi3Config, transformers.Phi3ForCausalLM, sliding_window=512
+    ),
+    "gpt_neox": lambda: _tiny(transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+}
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_sliding_window_models_are_refused(family):
+    with pytest.raises(ValueError, match="full-attention layers only.*sliding"):
+        enable(WINDOWED[family]())
+
+
+@pytest.mark.parametrize("family", sorted(FULL))
+def test_full_attention_configs_are_served_like_dense(family):
+    model = FULL[family]()
+    inputs = make_inputs("llama", 2)
+    run = lambda cache: model.generate(  # noqa: E731
+        **inputs, **{cache_argument(model): cache}, max_new_tokens=3, pad_token_id=0
+    )
+    dense = run(None)
+    cache = TopPCache(TopPPolicy(p=1.0))
+    assert torch.equal(run(cache) if enable(model) is model else None, dense)
+    assert len(cache.selections) == model.config.num_hidden_layers  # every layer selected
+
+
+def test_a_window_is_checked_against_the_sequence_at_run_time():
+    # Accepted (the window covers max_position_embeddings) but then fed a longer sequence.
+    model = enable(
+        _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM, sliding_window=32,
+              max_position_embeddings=32)
+    )
+    short = make_inputs("llama", 1)
+    short = {k: v[:, -20:] for k, v in short.items()}
+    generate(model, short, TopPCache())  # 20 + 8 tokens: inside the window
+    with pytest.raises(RuntimeError, match="layer 0 has a sliding window of 32 tokens"):
+        generate(model, make_inputs("llama", 1), TopPCache())  # 40 tokens
+
+
+# --- models the attention function does not serve, and misused arguments -----------------------
+
+
+def test_model_whose_attention_bypasses_the_interface_is_refused():
+    # Falcon's attention calls SDPA itself: the sparse_topp function would never run.
+    falcon = transformers.FalconForCausalLM(
+        transformers.FalconConfig(vocab_size=VOCAB_FALCON, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4)
+    )
+    with pytest.raises(ValueError, match="FalconForCausalLM: its attention does not go through"):
+        enable(falcon)
+
+
+VOCAB_FALCON = 128
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: TopPCache(0.9), r"TopPCache\(policy\): policy must be a sparse_attn.TopPPolicy"),
+        (lambda: TopPCache(policy={"p": 0.9}), r"TopPCache\(policy\): .* got dict"),
+        (lambda: enable(torch.nn.Linear(2, 2)), r"enable\(model\): model must be .* got Linear"),
+        (lambda: enable(make_model("llama"), policy="0.9"), r"enable\(model, policy\): policy"),
+        (lambda: enable(make_model("llama"), 0.9), r"enable\(model, policy\): .* got float"),
+    ],
+)
+def test_wrong_argument_types_are_type_errors_naming_the_argument(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_numpy_scalars_count_as_python_numbers():
+    policy = TopPPolicy(
+        p=np.float32(0.9), n_probe=np.int64(8), keep_first=np.int32(2), keep_last=np.uint8(4),
+        reselect_every=np.int64(0),
+    )
+    assert policy == TopPPolicy(p=float(np.float32(0.9)), n_probe=8, keep_first=2, keep_last=4)
+    assert type(policy.p) is float and type(policy.n_probe) is int
+    assert TopPPolicy(rule="top_k", keep_ratio=np.float64(0.5)).keep_ratio == 0.5
+    assert TopPPolicy(rule="threshold", threshold=np.float16(2)).threshold == 2.0
+    assert TopPPolicy(shared_from_layer=np.int16(1)).shared_from_layer == 1
+    for field, value in [("p", np.float32("nan")), ("p", np.bool_(True)), ("n_probe", np.float32(8)),
+                         ("keep_last", np.int64(-1))]:
+        with pytest.raises(ValueError, match=f"TopPPolicy.{field}"):
+            TopPPolicy(**{field: value})
+    # and the policy drives a real selection
+    model = enable(make_model("llama"), policy)
+    cache = TopPCache(policy)
+    generate(model, make_inputs("llama", 1), cache)
+    assert 0 < cache.token_ratio < 1
+
+
+# --- one cache, one model -----------------------------------------------------------------------
+
+
+def test_cache_refuses_a_second_model_of_the_same_shapes():
+    first = enable(make_model("llama"))
+    torch.manual_seed(1)
+    second = enable(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval())
+    inputs = make_inputs("llama", 1)
+    cache = TopPCache(TopPPolicy(p=0.9, n_probe=8))
+    out = generate(first, inputs, cache)  # one model, many forward calls: fine
+    step = dict(input_ids=out[:, -1:], attention_mask=torch.ones(1, out.shape[1], dtype=torch.long))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="TopPCache layer 0 holds the keys and "
+                                                            "values of another model"):
+        second(**step, **{cache_argument(second): cache})
+    cache.reset()  # a reset cache takes any model
+    assert torch.equal(generate(second, inputs, cache), generate(second, inputs, TopPCache(cache.policy)))
+
+
+# --- token ratio with an all-padding row ------------------------------------------------------------
+
+
+def test_all_padding_row_is_left_out_of_the_token_ratio():
+    model = enable(make_model("llama"))
+    inputs = make_inputs("llama", 2)
+    inputs["attention_mask"][1] = 0
+    inputs["input_ids"][1] = 0
+    cache = TopPCache(TopPPolicy(p=0.9, n_probe=8))
+    generate(model, inputs, cache)
+    alone = TopPCache(cache.policy)
+    generate(model, {k: v[:1] for k, v in inputs.items()}, alone)
+    assert math.isfinite(cache.token_ratio)
+    assert cache.token_ratio == pytest.approx(alone.token_ratio)
+    assert cache.layer_ratios == pytest.approx(alone.layer_ratios)
+    rows = cache.row_token_ratios
+    assert rows[0] == pytest.approx(alone.row_token_ratios[0]) and rows[1].isnan()
