@@ -145,6 +145,8 @@ def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn
     dense. On models with image / video tokens (config ``image_token_id`` / ``video_token_id``),
     a hook tells the TopPCache which prompt tokens are visual (prune="visual", visual stats).
     ``policy``, if given, is checked against the model now rather than at the first generate.
+    Models it cannot serve exactly are refused here with a ValueError: sliding windows that can
+    apply, attention outside transformers' AttentionInterface (docs/limits.md).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(

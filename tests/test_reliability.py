@@ -3,6 +3,7 @@ function cannot serve, misused arguments, a cache moved between models, empty ro
 install (docs/limits.md). Tiny random-init models, CPU, no downloads."""
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,32 @@ def test_all_padding_row_is_left_out_of_the_token_ratio():
     assert cache.layer_ratios == pytest.approx(alone.layer_ratios)
     rows = cache.row_token_ratios
     assert rows[0] == pytest.approx(alone.row_token_ratios[0]) and rows[1].isnan()
+
+
+# --- a clean build says nothing alarming ----------------------------------------------------------
+
+
+def test_package_build_ships_checkpoints_without_warnings(tmp_path):
+    # setuptools' build_py with the project's pyproject.toml (no setup.py: no extension build)
+    # on a copy of the packages: every file of every sf_train/**/checkpoint*/ folder is package
+    # data, and setuptools prints no "Package would be ignored" screens for those folders.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
+    for name in ("sparse_attn", "sf_train"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "build_py", "-d", str(out)],
+        cwd=src, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    log = run.stdout + run.stderr
+    for alarm in ("would be ignored", "Deprecat", "not recognized"):
+        assert alarm.lower() not in log.lower(), log
+    shipped = [p.relative_to(ROOT) for p in ROOT.glob("sf_train/**/checkpoint*/**/*") if p.is_file()]
+    assert shipped, "no checkpoint folder found under sf_train"
+    for path in shipped:
+        assert (out / path).is_file(), path
+    assert (out / "sparse_attn" / "cache.py").is_file() and (out / "sf_train" / "cli.py").is_file()
