@@ -237,8 +237,9 @@ class TopPCache(Cache):
 
     def check_model(self, layer_idx: int, module: torch.nn.Module) -> None:
         """Refuse a second model: the layer's K/V came from another model's attention module
-        (same shapes or not). Reusing the cache with the same model (multi-turn) is fine;
-        ``reset()`` frees the cache for another model."""
+        (same shapes or not). One identity test per layer and call: later calls of the same
+        model (decode steps, a later generate) pass; ``reset()`` frees the cache for another
+        model (docs/limits.md#one-cache-one-model)."""
         writer = self._writers.get(layer_idx)
         if writer is None:
             self._writers[layer_idx] = weakref.ref(module)
