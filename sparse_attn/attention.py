@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -46,7 +46,9 @@ def sparse_topp_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     layer_idx = module.layer_idx
+    cache.check_model(layer_idx, module)
     layer = cache.layers[layer_idx]
+    _check_window(kwargs.get("sliding_window"), layer_idx, layer.seen_tokens)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer.is_compact:
         # transformers' mask indexes the logical sequence; the compact rows need their own.
@@ -61,6 +63,18 @@ def sparse_topp_attention(
         layer_idx, query, key_validity(attention_mask), scale, num_layers=num_layers
     )
     return output, None
+
+
+def _check_window(window: int | None, layer_idx: int, length: int) -> None:
+    """A layer with a sliding window (transformers passes it as ``sliding_window``) is served only
+    while the window covers the whole sequence: beyond it the compact cache would attend to
+    tokens the window hides (docs/limits.md). enable() refuses the models where this can
+    happen within max_position_embeddings; this catches the rest."""
+    if window is not None and length > window:
+        raise RuntimeError(
+            f"sparse_topp: layer {layer_idx} has a sliding window of {window} tokens and the "
+            f"sequence is now {length} tokens long; the top-p cache serves full attention only"
+        )
 
 
 def compact_attention(
@@ -131,13 +145,26 @@ def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn
     dense. On models with image / video tokens (config ``image_token_id`` / ``video_token_id``),
     a hook tells the TopPCache which prompt tokens are visual (prune="visual", visual stats).
     ``policy``, if given, is checked against the model now rather than at the first generate.
+    Models it cannot serve exactly are refused here with a ValueError: sliding windows that can
+    apply, attention outside transformers' AttentionInterface (docs/limits.md).
     """
-    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            "sparse_attn.enable(model): model must be a transformers PreTrainedModel, got "
+            f"{type(model).__name__}"
+        )
+    if policy is not None and not isinstance(policy, TopPPolicy):
+        raise TypeError(
+            "sparse_attn.enable(model, policy): policy must be a sparse_attn.TopPPolicy or None, "
+            f"got {type(policy).__name__} {policy!r}"
+        )
+    _check_attention_interface(model)
+    text_config = model.config.get_text_config(decoder=True)
+    if (windowed := _windowed_layers(text_config)) is not None:
         # The compact decode attends to every held token: a sliding window would be ignored.
         raise ValueError(
-            "sparse_topp supports full-attention layers only; this model has "
-            f"{sorted(set(layer_types))}"
+            f"sparse_topp supports full-attention layers only; this {type(model).__name__} has "
+            f"{windowed} (docs/limits.md)"
         )
     visual_ids = _visual_token_ids(model.config)
     if policy is not None and policy.prune == "visual" and not visual_ids:
@@ -146,10 +173,52 @@ def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn
             f"{type(model.config).__name__} has none of {_VISUAL_TOKEN_ID_FIELDS}"
         )
     model.set_attn_implementation(ATTENTION_NAME)
+    if getattr(text_config, "_attn_implementation", ATTENTION_NAME) != ATTENTION_NAME:
+        raise ValueError(_NO_INTERFACE.format(type(model).__name__))
     if visual_ids and not hasattr(model, "_sparse_topp_visual_hook"):
         hook = partial(_mark_visual_tokens, torch.tensor(visual_ids))
         model._sparse_topp_visual_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
+
+
+_NO_INTERFACE = (
+    "sparse_topp cannot serve {}: its attention does not go through transformers' "
+    "AttentionInterface, so the top-p cache would never select (docs/limits.md)"
+)
+
+
+def _check_attention_interface(model: PreTrainedModel) -> None:
+    """Refuse a model whose attention layers do not call the registered attention function: its
+    attention implementation cannot be set (transformers' own test, where it has one)."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        raise ValueError(_NO_INTERFACE.format(type(model).__name__))
+
+
+def _windowed_layers(config) -> str | None:
+    """What in the decoder ``config`` has a sliding window that can apply, or None.
+
+    transformers decides it two ways (docs/limits.md): families with ``layer_types`` (Qwen2,
+    Qwen2-VL, Qwen3, Gemma, ...) window only the "sliding_attention" layers, by
+    ``sliding_window``; the others (Mistral, Mixtral, Phi3, Qwen3-MoE, Starcoder2, ...) window
+    every layer whenever ``sliding_window`` is not None. A window of at least
+    ``max_position_embeddings`` cannot apply within the model's positions (the attention checks
+    the sequence against it at run time)."""
+    window = getattr(config, "sliding_window", None)
+    longest = getattr(config, "max_position_embeddings", None)
+    applies = window is not None and (longest is None or window < longest)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        other = sorted({kind for kind in layer_types if kind not in _WINDOWED_OR_FULL})
+        if other:
+            return f"layers of type {other}"
+        if applies and "sliding_attention" in layer_types:
+            return f"sliding_attention layers (sliding_window={window})"
+        return None
+    return f"a sliding window on every layer (sliding_window={window})" if applies else None
+
+
+_WINDOWED_OR_FULL = ("full_attention", "sliding_attention")
 
 
 AttentionInterface.register(ATTENTION_NAME, sparse_topp_attention)

@@ -23,6 +23,7 @@ Qwen-VL mRoPE ``rope_deltas`` are unchanged; ``get_mask_sizes()`` reports the ph
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -166,6 +167,18 @@ class Selection:
         return self.kept_visual[has_visual] / self.existed_visual[has_visual, None]
 
 
+def _raise_if_nonfinite(layer_idx: int, scores: Tensor, valid: Tensor, error: Exception) -> None:
+    """After a failed selection: name the layer when its scores hold NaN / inf (docs/limits.md).
+    cumulative_scores makes a probe row NaN whenever its logits are (as the softmax would), so
+    NaN / inf in a layer's queries or keys end here instead of as a silent selection."""
+    if not bool(torch.isfinite(scores[valid]).all()):
+        raise RuntimeError(
+            f"TopPCache layer {layer_idx}: the attention scores of the probe queries are NaN or "
+            "inf, so no tokens can be selected (this layer's queries or keys hold NaN / inf, "
+            "e.g. after an fp16 / bf16 overflow)"
+        ) from error
+
+
 # The attention function does not receive the cache (transformers hands it to the attention
 # module, which calls update() and then the attention function), so TopPCache.update leaves a
 # note of the layer it just updated for the attention call that follows it in the same thread.
@@ -202,6 +215,11 @@ class TopPCache(Cache):
     def __init__(self, policy: TopPPolicy | None = None, *, reserve: int = 256):
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise ValueError(f"TopPCache.reserve must be an int >= 0, got {reserve!r}")
+        if policy is not None and not isinstance(policy, TopPPolicy):
+            raise TypeError(
+                "TopPCache(policy): policy must be a sparse_attn.TopPPolicy or None, got "
+                f"{type(policy).__name__} {policy!r}"
+            )
         super().__init__(layer_class_to_replicate=partial(TopPLayer, reserve))
         self.policy = policy if policy is not None else TopPPolicy()
         # Decoder layers of the model (from the attention modules' config): clips
@@ -214,6 +232,23 @@ class TopPCache(Cache):
         # bool [B, L]: which prompt tokens are image / video tokens; set by enable()'s hook.
         self.visual_mask: Tensor | None = None
         self._padding: Tensor | None = None  # int [B] (CPU): padding tokens of each row
+        # Per layer, the attention module that filled it (see check_model).
+        self._writers: dict[int, weakref.ref] = {}
+
+    def check_model(self, layer_idx: int, module: torch.nn.Module) -> None:
+        """Refuse a second model: the layer's K/V came from another model's attention module
+        (same shapes or not). One identity test per layer and call: later calls of the same
+        model (decode steps, a later generate) pass; ``reset()`` frees the cache for another
+        model (docs/limits.md#one-cache-one-model)."""
+        writer = self._writers.get(layer_idx)
+        if writer is None:
+            self._writers[layer_idx] = weakref.ref(module)
+        elif writer() is not module:
+            raise RuntimeError(
+                f"TopPCache layer {layer_idx} holds the keys and values of another model: a "
+                "TopPCache serves the model that filled it; use a new TopPCache (or reset() "
+                "this one) for another model"
+            )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if getattr(_pending, "cache", None) is self:
@@ -359,12 +394,16 @@ class TopPCache(Cache):
         else:
             # A per-layer budget ranks the tokens by their mass summed over the KV heads.
             row_scores = rows(scores) if policy.granularity == "kv_head" else scores.sum(1)
-            indices, counts = select_rows(
-                policy,
-                row_scores,
-                valid_mask=rows(valid),
-                candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
-            )
+            try:
+                indices, counts = select_rows(
+                    policy,
+                    row_scores,
+                    valid_mask=rows(valid),
+                    candidate_mask=rows(is_visual) if policy.prune == "visual" else None,
+                )
+            except (RuntimeError, ValueError) as error:
+                _raise_if_nonfinite(layer_idx, row_scores, rows(valid), error)
+                raise
         capacity = int(counts.max()) + layer.reserve
         compact_keys, compact_values = gather_kv(keys, values, indices, counts, capacity=capacity)
 
@@ -431,8 +470,9 @@ class TopPCache(Cache):
     @property
     def layer_ratios(self) -> list[float]:
         """tau of each layer's latest selection: kept / existing tokens, averaged over the rows
-        (and heads)."""
-        return [float(s.ratios().mean()) for s in self._latest_selections()]
+        (and heads). A row with no token (all padding) has no ratio and is left out of the
+        mean (NaN only if every row is empty)."""
+        return [float(s.ratios()[s.existed > 0].mean()) for s in self._latest_selections()]
 
     @property
     def token_ratio(self) -> float:
@@ -442,7 +482,8 @@ class TopPCache(Cache):
 
     @property
     def row_token_ratios(self) -> Tensor:
-        """float [B]: tau of each batch row (one sequence's token ratio, e.g. for a reward)."""
+        """float [B]: tau of each batch row (one sequence's token ratio, e.g. for a reward); NaN
+        for a row with no token (all padding)."""
         return torch.stack([s.ratios().mean(-1) for s in self._latest_selections()]).mean(0)
 
     @property

@@ -4,6 +4,7 @@ name instead of top-p (the paper's Table 3 ablation: fixed ratio, fixed threshol
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 GRANULARITIES = ("layer", "kv_head")
@@ -82,14 +83,16 @@ class TopPPolicy:
         return cls(**{**fields, **overrides})
 
     def __post_init__(self):
-        # bool is an int subclass: reject it so that True cannot silently mean 1.
+        # bool is an int subclass: reject it so that True cannot silently mean 1. Numbers of
+        # other types (numpy scalars) count as the Python numbers they equal, and are stored as
+        # those (_as_python_numbers).
         def require_int(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise ValueError(f"TopPPolicy.{name} must be an int >= {minimum}, got {value!r}")
 
         def is_number(value) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, float))
+            return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
         if not is_number(self.p) or not 0.0 < self.p <= 1.0:
             raise ValueError(f"TopPPolicy.p must be a number in (0, 1], got {self.p!r}")
@@ -132,3 +135,16 @@ class TopPPolicy:
             raise ValueError(
                 f"TopPPolicy.threshold must be a finite number > 0, got {self.threshold!r}"
             )
+        self._as_python_numbers()
+
+    def _as_python_numbers(self) -> None:
+        """Store numpy (or other numbers.Real) scalars as Python int / float, so that the policy
+        compares, hashes and prints as one built from Python numbers."""
+        for name in ("n_probe", "keep_first", "keep_last", "reselect_every", "shared_from_layer"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                object.__setattr__(self, name, int(value))
+        for name in ("p", "keep_ratio", "threshold"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not float:
+                object.__setattr__(self, name, float(value))

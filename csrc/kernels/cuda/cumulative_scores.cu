@@ -228,11 +228,19 @@ __device__ __forceinline__ void compute_tile(TileSmem& sm, const T* q_tile, int 
   }
 }
 
+// Non-finite logits poison their probe row as in the reference softmax (and the CPU twin): a
+// NaN logit, a +inf maximum, or a row whose visible logits are all -inf gives lse = NaN, so
+// pass 2 writes NaN at every key the row sees. Hence a max that keeps NaN (fmaxf drops it), and
+// the state m = -inf, s > 0 for "saw only -inf logits" (s = 0: saw nothing).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return (a != a || b != b) ? NAN : fmaxf(a, b);
+}
+
 // Merges the log-sum-exp state (m2, s2) into (m, s): s is the sum of exp(x - m).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
-  const float nm = fmaxf(m, m2);
+  const float nm = nan_max(m, m2);
   if (nm == -INFINITY) {
-    s = 0.f;
+    s = s + s2;  // both sides saw nothing or only -inf logits
   } else {
     s = s * expf(m - nm) + s2 * expf(m2 - nm);  // expf(-inf) == 0 for an empty side
   }
@@ -240,7 +248,8 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 }
 
 __device__ __forceinline__ float lse_finish(float m, float s) {
-  return m == -INFINITY ? -INFINITY : m + logf(s);
+  if (m == -INFINITY) return s > 0.f ? NAN : -INFINITY;  // only -inf logits: NaN, as softmax
+  return m + logf(s);
 }
 
 // Pass 1. blockIdx.x = (bh * splits + split) * row_tiles + row_tile.
@@ -298,14 +307,21 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     const int64_t end = row_end[row];
     float tmax = -INFINITY;
+    bool seen = false;
 #pragma unroll
     for (int cc = 0; cc < kBN / 4; ++cc) {
       const int c = sub + 4 * cc;
-      if (col_ok[c] && j0 + c < end) tmax = fmaxf(tmax, __fmul_rn(sm.s[row][c], scale));
+      if (col_ok[c] && j0 + c < end) {
+        const float x = __fmul_rn(sm.s[row][c], scale);
+        tmax = (x > tmax || x != x) ? x : tmax;  // keeps a NaN (see nan_max)
+        seen = true;
+      }
     }
-    if (tmax > -INFINITY) {
-      const float nm = fmaxf(m, tmax);
-      float acc = s * expf(m - nm);  // m == -inf: s == 0 and expf(-inf) == 0
+    const float nm = nan_max(m, tmax);
+    if (seen && nm == -INFINITY) {
+      s += 1.f;  // only -inf logits so far: lse_finish makes the row NaN unless a finite one comes
+    } else if (seen) {
+      float acc = s * expf(m - nm);  // m == -inf: s is finite and expf(-inf) == 0
 #pragma unroll 4
       for (int cc = 0; cc < kBN / 4; ++cc) {
         const int c = sub + 4 * cc;
