@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 MAX_FAILURES_LISTED = 15
+TAIL_LINES = 8  # of a failed stage's log
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -24,11 +25,17 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def stages_part(stages_tsv: Path) -> list[str]:
+def stages_part(out: Path, stages_tsv: Path) -> list[str]:
     rows = []
     if stages_tsv.exists():
         rows = [line.split("\t") for line in stages_tsv.read_text().splitlines() if line.strip()]
-    return ["Stages", *table(["stage", "status", "seconds", "detail"], rows), ""]
+    lines = ["Stages", *table(["stage", "status", "seconds", "detail"], rows)]
+    for name, status, _, detail in (r for r in rows if len(r) == 4):
+        log = re.search(r"log (\S+)$", detail)
+        if status in ("failed", "timeout") and log and (out / log.group(1)).exists():
+            tail = (out / log.group(1)).read_text(errors="replace").splitlines()[-TAIL_LINES:]
+            lines += [f"  {name} log, last lines:"] + [f"    {l[:160]}" for l in tail]
+    return lines + [""]
 
 
 def tests_part(xml_path: Path) -> list[str]:
@@ -140,7 +147,7 @@ def bench_part(path: Path) -> list[str]:
 def main() -> int:
     out, stages = Path(sys.argv[1]), Path(sys.argv[2])
     lines = ["", "==================== sparse_attn GPU check: summary ===================="]
-    for part in (stages_part(stages), tests_part(out / "tests.xml"), sanitizer_part(out / "sanitizer.log"),
+    for part in (stages_part(out, stages), tests_part(out / "tests.xml"), sanitizer_part(out / "sanitizer.log"),
                  bench_part(out / "bench.json")):
         lines += part
     text = "\n".join(lines)
