@@ -5,9 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import sparse_attn
 
@@ -97,3 +99,36 @@ def test_summary_reads_failures_and_sanitizer_verdicts(tmp_path):
     assert "memcheck: ERROR SUMMARY: 2 errors; ops_smoke on cuda: 1 failed" in text
     assert "racecheck: no verdict" in text and "FAIL gather_kv x" in text
     assert "Benchmarks: no bench.json" in text
+
+
+def stand_in_decode_attention(query, key, value, lengths, *, scale=None):
+    """Plain SDPA with the decode op's semantics (query t of a row sees its slots
+    < lengths - (T - 1 - t)), so the decode paths of the script run before the op exists."""
+    T, C = query.shape[2], key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k, v = (x.repeat_interleave(group, 1).float() for x in (key, value))
+    limit = lengths.repeat_interleave(group, 1)[..., None] - (T - 1 - torch.arange(T))  # [B, Hq, T]
+    mask = torch.arange(C) < limit[..., None]
+    out = torch.nn.functional.scaled_dot_product_attention(query.float(), k, v, attn_mask=mask, scale=scale)
+    return out.to(query.dtype)
+
+
+def test_decode_attention_paths(monkeypatch, tmp_path):
+    """The decode benchmark and smoke check, with the real op when sparse_attn has it."""
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    import bench_gpu
+    import ops_smoke
+
+    if not hasattr(sparse_attn, "decode_attention"):
+        monkeypatch.setattr(sparse_attn, "decode_attention", stand_in_decode_attention, raising=False)
+    bench = bench_gpu.Bench("cpu", tmp_path / "bench.json", deadline=time.monotonic() + 600)
+    bench_gpu.peaks_section(bench)
+    rows = bench_gpu.decode_section(bench)
+    assert [r["case"] for r in rows] == [
+        f"B={b} context=1024 tau={tau}" for b in (1, 2) for tau in (0.1, 0.25, 0.5)
+    ]
+    assert all(r["ms"]["op"] > 0 and r["ms"]["fa2_full"] > 0 and 0 < r["floor_ms"] < r["fa2_floor_ms"]
+               for r in rows)
+    monkeypatch.setattr(ops_smoke, "FAILURES", [])
+    ops_smoke.smoke_decode_attention("cpu", torch.Generator().manual_seed(0))
+    assert ops_smoke.FAILURES == []

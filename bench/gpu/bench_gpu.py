@@ -105,10 +105,6 @@ class Bench:
 
     # --- timing -------------------------------------------------------------------------------
 
-    def synchronize(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def median_ms(self, calls: dict[str, list[Callable]]) -> dict[str, float]:
         """calls: per variant, one call per input copy. Medians over all rounds (see Repeats)."""
         timer = run_op_bench.times_ms_cuda if self.cuda else run_op_bench.times_ms_cpu
@@ -156,9 +152,11 @@ class Bench:
         except Exception as e:  # record, and let the later sections run
             traceback.print_exc()
             self.report["errors"][name] = f"{type(e).__name__}: {e}"
-        finally:
-            if self.cuda:
+        if self.cuda:
+            try:
                 torch.cuda.empty_cache()
+            except RuntimeError as e:  # a sticky CUDA error: the later sections will say so
+                print(f"empty_cache failed: {e}", flush=True)
         print(f"== {name}: {time.monotonic() - start:.1f} s", flush=True)
         self.write()
 
@@ -394,20 +392,22 @@ def model_section(b: Bench) -> dict:
     has_prefill_mode = "prefill" in TopPPolicy.__dataclass_fields__
     reserve = {"reserve": args.new_tokens} if "reserve" in inspect.signature(TopPCache).parameters else {}
 
-    def run(method: tuple) -> tuple[float, float, object]:
+    def run(method: tuple, new_tokens: int = args.new_tokens) -> tuple[float, float, object]:
         p, prefill_mode = method
         if p is None:
             return decode_e2e.run_once(model, prompt, None, args, watch)
         sparse_attn.enable(model)
         policy = TopPPolicy(p=p, **({"prefill": prefill_mode} if prefill_mode else {}))
         cache = TopPCache(policy, **reserve)
-        return *decode_e2e.decode_once(model, prompt, cache, args.new_tokens, watch), cache
+        return *decode_e2e.decode_once(model, prompt, cache, new_tokens, watch), cache
 
-    # Untimed calibration round (it also warms up): the token ratio of each candidate p.
+    # Untimed calibration (it also warms up): the token ratio of each candidate p after the
+    # prefill, which is when the cache selects.
     taus = {}
     run((None, None))
+    run((m["candidate_p"][0], None))
     for p in m["candidate_p"]:
-        taus[p] = decode_e2e.cache_size(run((p, None))[2])["token_ratio"]
+        taus[p] = decode_e2e.cache_size(run((p, None), new_tokens=0)[2])["token_ratio"]
         print(f"  calibration: p={p} token ratio {taus[p]:.3f}", flush=True)
     p_star = min(taus, key=lambda p: abs(taus[p] - TARGET_TAU))
     methods = [(None, None), (1.0, None), (p_star, None)]

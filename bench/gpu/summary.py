@@ -117,8 +117,10 @@ def bench_part(path: Path) -> list[str]:
         for r in section:
             ms = r["ms"]
             base = r.get("baseline")
+            how = r.get("fa2_gqa")  # FA2 took GQA natively, or ran over repeated K/V
+            base_label = f"{base} ({how})" if how and how != "enable_gqa" else base
             rows.append([
-                r["bench"], r["case"], fmt(ms["op"]), f"{base} {fmt(ms[base])}" if base else "",
+                r["bench"], r["case"], fmt(ms["op"]), f"{base_label} {fmt(ms[base])}" if base else "",
                 fmt(r["floor_ms"]), fmt(r.get("op_over_floor")), fmt(r.get("speedup_vs_baseline")) + "x",
                 (r.get("target") or "") + ("" if r.get("met") is None else f": {fmt(r['met'])}"),
             ])
