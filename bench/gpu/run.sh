@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu/run.sh OUTDIR [--cpu] [--build] [--budget SECONDS]
 #
-# Stages, each under its own `timeout` inside one overall budget (default 520 s), so that a hung
+# Stages, each under its own `timeout` inside one overall budget (default 500 s), so that a hung
 # stage cannot eat the others' time; the summary table is printed even when stages fail:
 #   env        versions, device, clocks                                  -> env.txt
 #   build      a fresh copy of the tree built in a temporary folder,
@@ -21,7 +21,7 @@ set -uo pipefail
 usage() { echo "usage: bash bench/gpu/run.sh OUTDIR [--cpu] [--build] [--budget SECONDS]" >&2; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1; shift
-MODE=gpu; BUILD=; BUDGET=${GPU_SCRIPT_BUDGET_S:-520}
+MODE=gpu; BUILD=; BUDGET=${GPU_SCRIPT_BUDGET_S:-500}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu) MODE=cpu ;;
