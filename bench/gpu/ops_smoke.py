@@ -147,7 +147,7 @@ def smoke_gather_scatter(device: str, gen: torch.Generator) -> None:
 
 
 def smoke_decode_attention(device: str, gen: torch.Generator) -> None:
-    """Only when the installed sparse_attn has the op (docs/gpu.md#feature-detection)."""
+    """Only when the installed sparse_attn has the op (docs/gpu.md#sanitizer)."""
     if not hasattr(sparse_attn, "decode_attention"):
         print("skip decode_attention: not in this sparse_attn", flush=True)
         return
