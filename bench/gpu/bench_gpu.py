@@ -100,7 +100,8 @@ class Bench:
         self.dtype = self.sizes["dtype"]
         self.out = out
         self.deadline = deadline
-        self.report = {"environment": environment(device), "sections": {}, "errors": {}}
+        self.report = {"device": device, "environment": environment(device), "sections": {},
+                       "errors": {}}
         self.peaks: run_op_bench.DevicePeaks | None = None
 
     # --- timing -------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def bench_part(path: Path) -> list[str]:
     env, sections = report.get("environment", {}), report.get("sections", {})
     lines = [f"Benchmarks on {env.get('device')} (torch {env.get('torch')}, CUDA {env.get('cuda')}, "
              f"transformers {env.get('transformers')}, commit {str(env.get('git_commit'))[:12]})"]
+    if report.get("device") == "cpu":
+        lines.append("(--cpu: small sizes, few runs, no warm-up: these figures test the script, "
+                     "they are not results)")
     peaks = sections.get("peaks")
     if peaks:
         lines.append(f"Floors from: copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), "
