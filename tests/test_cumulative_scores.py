@@ -124,3 +124,12 @@ def test_compiles_fullgraph(device, gen):
     fn = torch.compile(lambda q, k: sparse_attn.cumulative_scores(q, k).sum(1), fullgraph=True)
     torch.testing.assert_close(fn(q.to(device), k.to(device)).cpu(), ref.cumulative_scores(q, k).sum(1),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [300, 576])
+def test_head_dims_above_256(device, gen, dtype, D):
+    # Any head dim, on every device (MLA-style heads are 576 wide): the kernels loop over D.
+    q, k = make_qk(1, 4, 2, 5, 70, D, dtype, gen)
+    out = sparse_attn.cumulative_scores(q.to(device), k.to(device))
+    assert_scores_close(out, ref.cumulative_scores(q, k), 2 * 5)

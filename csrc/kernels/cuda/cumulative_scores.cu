@@ -45,7 +45,9 @@ constexpr int kSLd = kBN + 4;       // logit tile row stride (floats); multiple 
 constexpr int kFmaDK = 32;          // head-dim chunk of the FMA path
 constexpr int kMmaDK = 64;          // head-dim chunk of the WMMA path
 constexpr int kMmaLd = kMmaDK + 8;  // staging row stride (16-bit elements); multiple of 8
-constexpr int64_t kMaxD = 256;
+// No buffer is sized by D (both GEMM paths loop over it in chunks), so any head dim works, as on
+// the CPU; the bound only keeps `int` dim arithmetic (d0 + chunk) far from overflow.
+constexpr int64_t kMaxD = int64_t{1} << 30;
 
 static_assert(kThreads == 4 * kBM, "pass 1 maps 4 threads to each row");
 static_assert(kThreads % kBN == 0, "pass 2 maps kThreads / kBN threads to each key");
@@ -514,7 +516,7 @@ void launch(const CumulativeScoresParams& p, cudaStream_t stream) {
 void cumulative_scores_cuda(const CumulativeScoresParams& params, void* stream) {
   const CumulativeScoresParams& p = params;
   if (p.D < 1 || p.D > kMaxD)
-    throw std::runtime_error("cumulative_scores_cuda: head dim must be in [1, 256], got " +
+    throw std::runtime_error("cumulative_scores_cuda: head dim must be in [1, 2^30], got " +
                              std::to_string(p.D));
   if (p.B < 0 || p.Hq < 0 || p.Lq < 0 || p.Lk < 0 || p.Hkv <= 0 || p.Hq % p.Hkv != 0)
     throw std::runtime_error("cumulative_scores_cuda: bad sizes (need Hkv > 0, Hq % Hkv == 0)");

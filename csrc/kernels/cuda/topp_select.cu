@@ -1,5 +1,6 @@
 // CUDA top-p selection (see topp_select.h). Same algorithm and decisions as
-// csrc/kernels/cpu/topp_select.cpp; only the summation order of the double mass sums differs.
+// csrc/kernels/cpu/topp_select.cpp; only the summation order of the double mass sums differs,
+// and that order is fixed, so identical calls give identical selections.
 //
 // One block of kThreads threads per row. Passes over the row (each a strided loop over L):
 //   A  validate (NaN / inf anywhere in the valid positions -> kNonFiniteScore, else a negative
@@ -9,8 +10,11 @@
 //      so later passes decide "forced" without scanning;
 //   B  forced and candidate mass;
 //   4 radix passes (digits at shifts 24, 16, 8, 0): histogram of candidate mass and count over
-//      the candidates matching the prefix so far (shared-memory atomics), then warp 0 finds the
-//      threshold digit;
+//      the candidates matching the prefix so far, then warp 0 finds the threshold digit. The
+//      mass histogram is deterministic (docs/gpu.md#topp-select-histograms): each warp sums the
+//      lanes that share a digit in a fixed order and adds that into its own histogram (no
+//      atomics), and the warps' histograms are reduced in warp order; only the integer counts
+//      use shared-memory atomics, whose order does not matter;
 //   T  (only if some but not all ties at the threshold key are kept) one block scan to find
 //      the position p_tie of the first tie that is not kept;
 //   E  emit: block scan over keep flags, chunk by chunk, writes kept positions in ascending
@@ -32,6 +36,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
 using BlockScan = cub::BlockScan<int, kThreads>;
 
 static_assert(kRadixBins == 256 && kRadixBits == 8, "the digit walk assumes 8-bit digits");
@@ -69,7 +74,8 @@ struct SharedState {
   typename BlockScan::TempStorage scan;
   double red_d[kWarps];
   long long red_i[kWarps];
-  double h_mass[kRadixBins];
+  double h_warp[kWarps][kRadixBins];  // each warp's own mass histogram of the current pass
+  double h_mass[kRadixBins];          // their sum, in warp order
   int h_cnt[kRadixBins];
   long long pos[2];
   double mass_above;
@@ -77,6 +83,39 @@ struct SharedState {
   int take_all;
   int n_ties;
 };
+
+// Lane of the n-th (0-based) set bit of mask, 32 if mask has n or fewer set bits.
+__device__ __forceinline__ int nth_set_bit(unsigned mask, int n) {
+  if (n >= __popc(mask)) return 32;
+  // The largest pos with fewer than n + 1 set bits below it is the n-th set bit.
+  int pos = 0;
+#pragma unroll
+  for (int w = 16; w > 0; w >>= 1) {
+    if (__popc(mask & ((1u << (pos + w)) - 1u)) <= n) pos += w;
+  }
+  return pos;
+}
+
+// Sum of v over the lanes of `peers` (the calling lane's group; groups partition the warp),
+// valid in the group's lowest lane. A tree over the lanes' ranks within the group: the order of
+// the additions depends only on the group, never on scheduling. Must be called by all 32 lanes.
+__device__ __forceinline__ double group_sum(double v, unsigned peers) {
+  const int lane = threadIdx.x & 31;
+  if (__all_sync(kFullMask, peers == kFullMask)) {  // one group: a plain butterfly
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+  }
+  const int rank = __popc(peers & ((1u << lane) - 1u));
+  const unsigned largest = __reduce_max_sync(kFullMask, static_cast<unsigned>(__popc(peers)));
+  // After the step with offset o, rank r holds the sum of ranks [r, r + 2 o) of its group.
+  for (unsigned o = 1; o < largest; o <<= 1) {
+    const int src = nth_set_bit(peers, rank + static_cast<int>(o));
+    const double y = __shfl_sync(kFullMask, v, src & 31);
+    if (src < 32) v += y;
+  }
+  return v;
+}
 
 // Positions of the flagged elements with exclusive ranks k1 and k2 among the flagged ones
 // (ascending position order); L when there is no such element or the k is negative. Must be
@@ -210,23 +249,45 @@ __global__ void __launch_bounds__(kThreads, 1) topp_select_kernel(const ToppSele
       double mass_above = 0.0;  // mass of the candidates above the current prefix
       bool take_all = false;
       int64_t n_ties = 0;
+      const int lane = tid & 31;
+      double* const h_own = sh.h_warp[tid >> 5];
       for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-        if (tid < kRadixBins) {
-          sh.h_mass[tid] = 0.0;
-          sh.h_cnt[tid] = 0;
-        }
+        for (int i = tid; i < kWarps * kRadixBins; i += kThreads) (&sh.h_warp[0][0])[i] = 0.0;
+        if (tid < kRadixBins) sh.h_cnt[tid] = 0;
         __syncthreads();
         // Bits above this digit, fixed by the earlier passes (none in the first pass).
         const uint32_t hi_mask =
             shift == 32 - kRadixBits ? 0u : (0xffffffffu << (shift + kRadixBits));
-        for (int64_t j = tid; j < L; j += kThreads) {
-          if (!valid(j) || forced(j)) continue;
-          const float x = s[j];
-          const uint32_t key = float_key(x);
-          if ((key & hi_mask) != prefix) continue;
-          const int d = static_cast<int>((key >> shift) & (kRadixBins - 1));
-          atomicAdd(&sh.h_mass[d], static_cast<double>(x));
-          atomicAdd(&sh.h_cnt[d], 1);
+        // Warp-uniform loop (j0 is the warp's first position), so that every lane takes part in
+        // the warp collectives; lanes past L or not matching hold digit kRadixBins (none).
+        for (int64_t j0 = tid - lane; j0 < L; j0 += kThreads) {
+          const int64_t j = j0 + lane;
+          int d = kRadixBins;
+          double x = 0.0;
+          if (j < L && valid(j) && !forced(j)) {
+            const float xf = s[j];
+            const uint32_t key = float_key(xf);
+            if ((key & hi_mask) == prefix) {
+              d = static_cast<int>((key >> shift) & (kRadixBins - 1));
+              x = static_cast<double>(xf);
+            }
+          }
+          if (__ballot_sync(kFullMask, d < kRadixBins) == 0u) continue;  // warp-uniform
+          const unsigned peers = __match_any_sync(kFullMask, d);
+          const double group_mass = group_sum(x, peers);
+          // The group's lowest lane adds it: one writer per digit and warp, no atomics.
+          if (d < kRadixBins && (peers & ((1u << lane) - 1u)) == 0u) {
+            h_own[d] += group_mass;
+            atomicAdd(&sh.h_cnt[d], __popc(peers));
+          }
+          __syncwarp();  // the next iteration's leader of a digit sees this one's write
+        }
+        __syncthreads();
+        if (tid < kRadixBins) {  // the warps' histograms, summed in warp order
+          double m = 0.0;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) m += sh.h_warp[w][tid];
+          sh.h_mass[tid] = m;
         }
         __syncthreads();
         if (tid < 32) {
