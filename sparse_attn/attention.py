@@ -116,7 +116,10 @@ def decode_attention(
     up to max_length."""
     op = getattr(ops, "decode_attention", None)
     if op is not None and not dropout:
-        return op(query, layer.keys, layer.values, layer.lengths, scale=scale)
+        # The lengths are the cache's own counters: no range check (a host sync on CUDA).
+        return op(
+            query, layer.keys, layer.values, layer.lengths, scale=scale, check_lengths=False
+        )
     return masked_decode_attention(query, key, value, layer.lengths, scale, dropout)
 
 

@@ -117,6 +117,12 @@ class TopPLayer(CacheLayerMixin):
         """
         B, T = valid.shape
         H = self.lengths.shape[1]
+        if T == 1:  # nothing moves: a padding token just stays past its row's shortened length
+            last = (self.lengths - 1).long()[..., None]  # [B, H, 1]
+            position = torch.where(valid[:, None], self.positions.gather(2, last), -1)
+            self.positions.scatter_(2, last, position)
+            self.lengths -= (~valid).to(self.lengths.dtype)
+            return
         start = self.lengths - T  # [B, H]: where the chunk begins in each row
         # Valid tokens first, each group in its order (a stable sort of "is padding").
         order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # [B, T]

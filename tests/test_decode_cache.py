@@ -135,7 +135,8 @@ def test_padding_inside_a_later_chunk_is_not_attended(granularity):
     mask, generator = inputs["attention_mask"], torch.Generator().manual_seed(5)
     input_ids, logits = inputs["input_ids"], []
     turn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]).bool()
-    for valid in [turn, torch.ones(3, 1).bool(), torch.ones(3, 1).bool()]:
+    single = torch.tensor([[1], [0], [1]]).bool()  # one padding token alone, too
+    for valid in [turn, torch.ones(3, 1).bool(), single, torch.ones(3, 1).bool()]:
         tokens, mask, position_ids = chunk_inputs(mask, position_ids, valid, generator)
         input_ids = torch.cat([input_ids, tokens], 1)
         with torch.no_grad():
@@ -250,7 +251,8 @@ def test_decode_goes_through_the_decode_attention_op_when_present(monkeypatch):
     caches = [TopPCache(TopPPolicy(p=0.7, n_probe=8)) for _ in range(2)]
     calls = []
 
-    def op(query, key, value, lengths, *, scale=None):
+    def op(query, key, value, lengths, *, scale=None, check_lengths=True):
+        assert not check_lengths  # the cache's own lengths: no validation round trip
         calls.append((key.shape, lengths.clone()))
         return masked_decode_attention(query, key, value, lengths, scale)
 
