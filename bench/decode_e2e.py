@@ -54,6 +54,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from sparse_attn import ops
 from sparse_attn.attention import FLASH_FIRST, cache_argument, enable
 from sparse_attn.cache import TopPCache, take_pending_cache
 from sparse_attn.policy import TopPPolicy
@@ -271,7 +272,11 @@ def format_row(row: dict) -> str:
 
 def main() -> None:
     args = parse_args()
-    env = environment(args.device) | {"transformers": transformers.__version__}
+    env = environment(args.device) | {
+        "transformers": transformers.__version__,
+        # The compact decode's attention (sparse_attn.attention.decode_attention).
+        "decode_attention": "op" if hasattr(ops, "decode_attention") else "masked SDPA",
+    }
     model = make_model(args)
     rows = []
     for context in args.contexts:
