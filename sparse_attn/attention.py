@@ -19,6 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import ops
 from .cache import TopPCache, take_pending_cache
 from .policy import TopPPolicy
 
@@ -51,8 +52,12 @@ def sparse_topp_attention(
     _check_window(kwargs.get("sliding_window"), layer_idx, layer.seen_tokens)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer.is_compact:
-        # transformers' mask indexes the logical sequence; the compact rows need their own.
-        output = compact_attention(query, key, value, layer.lengths, scale, dropout)
+        # transformers' mask of a compact layer covers the new tokens only (TopPLayer.
+        # get_mask_sizes): their padding leaves the cache, the rest attends to the compact rows.
+        valid = new_token_validity(attention_mask, query.shape[2])
+        if valid is not None:
+            layer.drop_padding(valid)
+        output = compact_decode(query, layer, key, value, valid, scale, dropout)
         cache.after_decode_attention(layer_idx, query, scale)
         return output, None
     output, _ = _dense_attention(
@@ -77,13 +82,69 @@ def _check_window(window: int | None, layer_idx: int, length: int) -> None:
         )
 
 
-def compact_attention(
+def new_token_validity(attention_mask: Tensor | None, T: int) -> Tensor | None:
+    """bool [B, T], False at the padding among the T new tokens, from the 4D mask of a decode
+    step (whose last query row sees every non-padding new token; the new tokens are its last T
+    columns); None without a mask. No host sync."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, -T:]
+    return row if row.dtype == torch.bool else row == 0  # additive masks: 0 = visible
+
+
+def compact_decode(
+    query: Tensor,
+    layer,
+    key: Tensor,
+    value: Tensor,
+    valid: Tensor | None,
+    scale: float,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Attention of a decode step's T queries ([B, Hq, T, D]) over a compact TopPLayer that holds
+    them already (``key`` / ``value``: its buffers up to max_length). ``valid``: bool [B, T],
+    the new tokens that are not padding (their padding was dropped from the rows), or None.
+    Returns [B, T, Hq, D]. Makes no host sync (docs/decode.md#no-host-sync)."""
+    B, Hq, T, D = query.shape
+    if valid is None or T == 1:
+        # A padding token alone (T = 1) sees the row's earlier tokens: finite, and unused.
+        return decode_attention(query, layer, key, value, scale, dropout).transpose(1, 2)
+    # Queries in the order padding first, then the valid ones in order: decode_attention's rule
+    # (query t sees the slots < length - (T - 1 - t)) then shows the valid query of rank r its
+    # row's earlier tokens and the first r + 1 valid new ones (docs/decode.md#padding).
+    order = torch.sort(valid.to(torch.uint8), dim=1, stable=True).indices  # [B, T]
+    index = order[:, None, :, None].expand(B, Hq, T, D)
+    sorted_output = decode_attention(query.gather(2, index), layer, key, value, scale, dropout)
+    output = torch.empty_like(sorted_output).scatter_(2, index, sorted_output)
+    # A padding query may see no slot at all: zero, whatever the kernel made of that.
+    output = torch.where(valid[:, None, :, None], output, 0)
+    return output.transpose(1, 2)
+
+
+def decode_attention(
+    query: Tensor, layer, key: Tensor, value: Tensor, scale: float, dropout: float = 0.0
+) -> Tensor:
+    """The one place the compact decode attends ([B, Hq, T, D] -> [B, Hq, T, D]): the
+    decode_attention op over the layer's full buffers (it reads each row's first lengths slots;
+    static shapes for CUDA graphs), or without it (or with dropout) masked SDPA over the buffers
+    up to max_length."""
+    op = getattr(ops, "decode_attention", None)
+    if op is not None and not dropout:
+        # The lengths are the cache's own counters: no range check (a host sync on CUDA).
+        return op(
+            query, layer.keys, layer.values, layer.lengths, scale=scale, check_lengths=False
+        )
+    return masked_decode_attention(query, key, value, layer.lengths, scale, dropout)
+
+
+def masked_decode_attention(
     query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, scale: float, dropout: float = 0.0
 ) -> Tensor:
-    """Attention of T new queries over compact rows that end with the T new tokens.
+    """Attention of T new queries over compact rows that end with the T new tokens (SDPA with a
+    boolean mask; the decode_attention op's semantics).
 
     query: [B, Hq, T, D]; key / value: [B, Hkv, S, D]; lengths: [B, Hkv], tokens held by each
-    row (the T new ones included). Returns [B, T, Hq, D].
+    row (the T new ones included). Returns [B, Hq, T, D].
     """
     B, Hq, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -99,7 +160,7 @@ def compact_attention(
     output = F.scaled_dot_product_attention(
         folded, key, value, attn_mask=visible, dropout_p=dropout, scale=scale
     )
-    return output.view(B, Hq, T, D).transpose(1, 2)
+    return output.view(B, Hq, T, D)
 
 
 def _dense_attention(module, query, key, value, attention_mask, **kwargs):
@@ -221,6 +282,15 @@ def _windowed_layers(config) -> str | None:
 _WINDOWED_OR_FULL = ("full_attention", "sliding_attention")
 
 
+def sparse_topp_mask(*args, **kwargs):
+    """transformers' SDPA mask, always materialised for the keys of a compact TopPCache layer
+    (kv_offset > 0: its mask covers the new tokens only), where sdpa_mask would otherwise read
+    the padding on the host to decide whether it may skip the mask (a sync per decode step)."""
+    if kwargs.get("kv_offset", 0):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTENTION_NAME, sparse_topp_attention)
 # The prefill needs transformers' padding-aware causal mask: build it as for SDPA.
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+AttentionMaskInterface.register(ATTENTION_NAME, sparse_topp_mask)

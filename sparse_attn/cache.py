@@ -9,15 +9,16 @@ Life of a layer:
      compacts them into [B, Hkv, C, D] buffers with room for the tokens still to come. With
      ``shared_from_layer`` = K, layers other than K skip the scoring: layers < K keep every
      token, layers > K the positions layer K kept;
-  3. decode: ``update`` writes each new token at its row's physical length (scatter_kv), and
-     the attention reads only the compact buffers. With ``reselect_every`` the selection re-runs
-     over the compact cache every N decoded tokens.
+  3. decode: ``update`` writes each new token at its row's physical length, and the attention
+     reads only the compact buffers, without a host sync (docs/decode.md). With
+     ``reselect_every`` the selection re-runs over the compact cache every N decoded tokens.
 Rows keep different numbers of tokens (batch rows, and KV heads with granularity="kv_head"), so
-a compact layer tracks ``lengths`` [B, Hkv]; the slots of a row past its length are zero and
-masked.
+a compact layer tracks ``lengths`` [B, Hkv]; the slots of a row past its length are free (never
+read).
 
 Positions stay logical: ``get_seq_length()`` counts every token seen, so positions, RoPE and
-Qwen-VL mRoPE ``rope_deltas`` are unchanged; ``get_mask_sizes()`` reports the physical length.
+Qwen-VL mRoPE ``rope_deltas`` are unchanged; ``get_mask_sizes()`` of a compact layer covers
+only the new tokens (their causal mask and padding: docs/decode.md#padding).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .ops import cumulative_scores, gather_kv, scatter_kv
+from .ops import cumulative_scores, gather_kv
 from .policy import TopPPolicy
 from .rules import indices_to_keep_mask, keep_mask_to_indices, select_rows
 
@@ -43,13 +44,20 @@ class TopPLayer(CacheLayerMixin):
     Once compact: ``keys`` / ``values`` are [B, Hkv, C, D] (C: capacity), ``lengths`` int32
     [B, Hkv] the tokens held per row, ``positions`` int32 [B, Hkv, C] the logical position of
     each slot (ascending in a row, -1 past its length).
+
+    The decode step (``update`` of a compact layer, ``drop_padding``) runs without a host sync:
+    ``lengths`` and ``positions`` stay on the device, the K/V writes are plain torch scatters at
+    slots the layer computed itself (no validation round trip), and the host decides when to grow
+    from counters it holds (``max_length``, ``seen_tokens``): docs/decode.md#no-host-sync.
     """
 
     is_sliding = False
 
-    def __init__(self, reserve: int):
+    def __init__(self, reserve: int | None):
         super().__init__()
-        self.reserve = reserve  # decoded-token slots allocated after a selection and when full
+        # Decoded-token room after a selection: None sizes it automatically (never above a dense
+        # cache's bytes), an int is the caller's (e.g. max_new_tokens): docs/decode.md#memory.
+        self.reserve = reserve
         self._clear()
 
     def _clear(self) -> None:
@@ -58,7 +66,9 @@ class TopPLayer(CacheLayerMixin):
         self.seen_tokens = 0  # logical length: every token appended, padding included
         self.lengths: Tensor | None = None
         self.positions: Tensor | None = None
-        self.max_length = 0  # max(lengths), kept on the host so decoding never syncs for it
+        # An upper bound of max(lengths), kept on the host so decoding never syncs for it (exact
+        # unless a chunk held padding: drop_padding shortens rows on the device only).
+        self.max_length = 0
         # Reselection probes: the queries decoded since the last selection (at most n_probe).
         self.probe_queries: Tensor | None = None
         self.decoded_since_selection = 0
@@ -86,19 +96,55 @@ class TopPLayer(CacheLayerMixin):
         return self.keys[:, :, : self.max_length], self.values[:, :, : self.max_length]
 
     def _append(self, key_states: Tensor, value_states: Tensor) -> None:
-        B, H, T, _ = key_states.shape
+        B, H, T, D = key_states.shape
         if self.max_length + T > self.keys.shape[2]:
-            self._grow(self.max_length + T + self.reserve)
-        steps = torch.arange(T, device=self.device, dtype=torch.int32)
-        slots = self.lengths[..., None] + steps  # [B, H, T]: each row continues at its own length
-        scatter_kv(self.keys, self.values, key_states, value_states, slots.view(B * H, T))
+            self._grow(self.max_length + T)
+        steps = torch.arange(T, device=self.lengths.device, dtype=torch.int32)
+        slots = (self.lengths[..., None] + steps).long()  # [B, H, T]: each row at its own length
+        # Trusted slots (computed here, in range by construction): a plain scatter, not the
+        # validating scatter_kv op, whose status check would sync with the host.
+        index = slots[..., None].expand(B, H, T, D)
+        self.keys.scatter_(2, index, key_states.to(self.keys.dtype))
+        self.values.scatter_(2, index, value_states.to(self.values.dtype))
         new_positions = (self.seen_tokens - T + steps).expand(B, H, T)
-        self.positions.scatter_(2, slots.long(), new_positions)
+        self.positions.scatter_(2, slots, new_positions)
         self.lengths += T
         self.max_length += T
 
-    def _grow(self, capacity: int) -> None:
-        B, H, _, D = self.keys.shape
+    def drop_padding(self, valid: Tensor) -> None:
+        """Un-hold the padding among the T tokens just appended (valid: bool [B, T], False at
+        padding, e.g. a left-padded later turn): each row's valid ones move to the front of the
+        appended slots in order, the padding goes past the row's length (docs/decode.md#padding).
+        """
+        B, T = valid.shape
+        H = self.lengths.shape[1]
+        if T == 1:  # nothing moves: a padding token just stays past its row's shortened length
+            last = (self.lengths - 1).long()[..., None]  # [B, H, 1]
+            position = torch.where(valid[:, None], self.positions.gather(2, last), -1)
+            self.positions.scatter_(2, last, position)
+            self.lengths -= (~valid).to(self.lengths.dtype)
+            return
+        start = self.lengths - T  # [B, H]: where the chunk begins in each row
+        # Valid tokens first, each group in its order (a stable sort of "is padding").
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # [B, T]
+        source = (start[..., None] + order[:, None]).long()  # [B, H, T]
+        target = (start[..., None] + torch.arange(T, device=start.device)).long()
+        index = source[..., None].expand(B, H, T, self.keys.shape[-1])
+        target_index = target[..., None].expand_as(index)
+        self.keys.scatter_(2, target_index, self.keys.gather(2, index))
+        self.values.scatter_(2, target_index, self.values.gather(2, index))
+        n_valid = valid.sum(-1, dtype=torch.int32)[:, None]  # [B, 1]
+        held = torch.arange(T, device=start.device) < n_valid[..., None]  # [B, 1, T]
+        moved = torch.where(held, self.positions.gather(2, source), -1)
+        self.positions.scatter_(2, target, moved)
+        self.lengths.copy_(start + n_valid)
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate to hold ``needed`` slots per row: geometric growth (x1.5), capped at the
+        logical length so that the cache never holds more slots than a dense one would
+        (docs/decode.md#memory)."""
+        B, H, capacity, D = self.keys.shape
+        capacity = max(needed, min(capacity + capacity // 2 + 1, self.seen_tokens))
         n = self.max_length
         keys = self.keys.new_zeros(B, H, capacity, D)
         values = self.values.new_zeros(B, H, capacity, D)
@@ -106,6 +152,16 @@ class TopPLayer(CacheLayerMixin):
         positions = self.positions.new_full((B, H, capacity), -1)
         positions[..., :n] = self.positions[..., :n]
         self.keys, self.values, self.positions = keys, values, positions
+
+    def capacity_after_selection(self, kept: int) -> int:
+        """Slots per row to allocate after a selection whose longest row keeps ``kept``
+        tokens: the caller's reserve as given, or automatically room for a quarter more tokens
+        (at least 16), never beyond the logical length, so that the layer holds no more slots
+        than a dense cache of the same length (docs/decode.md#memory)."""
+        if self.reserve is not None:
+            return kept + self.reserve
+        room = max(16, kept // 4)
+        return max(kept, min(kept + room, self.seen_tokens))
 
     def compact(self, keys: Tensor, values: Tensor, lengths: Tensor, positions: Tensor) -> None:
         """Replace the layer's tokens by a selection (what gather_kv returned)."""
@@ -118,16 +174,30 @@ class TopPLayer(CacheLayerMixin):
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        physical = self.max_length if self.is_compact else self.seen_tokens
-        return physical + query_length, 0
+        if self.is_compact:
+            # transformers' mask over the new tokens only (kv offset: their first logical
+            # position): causal among them and False at their padding, which is all the compact
+            # attention needs from it (docs/decode.md#padding).
+            return query_length, self.seen_tokens
+        return self.seen_tokens + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def kv_bytes(self) -> int:
+        """Bytes of the K/V buffers allocated (free slots included)."""
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of the K/V of the tokens held (reads ``lengths``: a host sync, for stats)."""
+        if self.keys is None:
+            return 0
+        per_token = 2 * self.keys.shape[-1] * self.keys.element_size()
+        if not self.is_compact:
+            return self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2] * per_token
+        return int(self.lengths.sum()) * per_token
 
     def reset(self) -> None:
         self._clear()
@@ -142,7 +212,8 @@ class TopPLayer(CacheLayerMixin):
 
 @dataclass(frozen=True)
 class Selection:
-    """One selection of one layer; counts are CPU tensors.
+    """One selection of one layer. The counts stay on the cache's device (recording them makes
+    no host sync); the cache's stats move them to the CPU when read.
 
     kept: int [B, Hkv] tokens kept per row (the same for every head with granularity="layer").
     existed: int [B] non-padding tokens of the sequence when the selection ran.
@@ -205,16 +276,21 @@ class TopPCache(Cache):
     module docstring).
 
     Needs the "sparse_topp" attention (``sparse_attn.enable(model)``), which runs the selection.
-    ``reserve``: decoded-token slots allocated after each selection, and added whenever they
-    run out.
+    ``reserve``: decoded-token slots allocated after each selection. None (default): sized
+    automatically and grown geometrically, never beyond the slots of a dense cache of the same
+    logical length; an int (e.g. generate's max_new_tokens): exactly that room, so that decoding
+    never reallocates (docs/decode.md#memory).
 
-    Stats (after the prefill): ``token_ratio``, ``layer_ratios``, ``row_token_ratios``,
-    ``visual_token_ratio``, ``kv_bytes()``, and ``selections``, every selection in order.
+    Stats (after the prefill; computed when read): ``token_ratio``, ``layer_ratios``,
+    ``row_token_ratios``, ``visual_token_ratio``, ``kv_bytes()`` (allocated),
+    ``kv_bytes_in_use()`` (held tokens), and ``selections``, every selection in order.
     """
 
-    def __init__(self, policy: TopPPolicy | None = None, *, reserve: int = 256):
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-            raise ValueError(f"TopPCache.reserve must be an int >= 0, got {reserve!r}")
+    def __init__(self, policy: TopPPolicy | None = None, *, reserve: int | None = None):
+        if reserve is not None and (
+            isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0
+        ):
+            raise ValueError(f"TopPCache.reserve must be None or an int >= 0, got {reserve!r}")
         if policy is not None and not isinstance(policy, TopPPolicy):
             raise TypeError(
                 "TopPCache(policy): policy must be a sparse_attn.TopPPolicy or None, got "
@@ -231,7 +307,7 @@ class TopPCache(Cache):
         self.selections: list[Selection] = []
         # bool [B, L]: which prompt tokens are image / video tokens; set by enable()'s hook.
         self.visual_mask: Tensor | None = None
-        self._padding: Tensor | None = None  # int [B] (CPU): padding tokens of each row
+        self._padding: Tensor | None = None  # int [B]: padding tokens of each row (device)
         # Per layer, the attention module that filled it (see check_model).
         self._writers: dict[int, weakref.ref] = {}
 
@@ -287,7 +363,7 @@ class TopPCache(Cache):
         B, Hkv, L, _ = layer.keys.shape
         if key_valid is None:
             key_valid = torch.ones(B, L, dtype=torch.bool, device=layer.device)
-        self._padding = (~key_valid).sum(-1).cpu()
+        self._padding = (~key_valid).sum(-1)
         scores = None
         if self._selects_itself(layer_idx):
             probes = query[:, :, -self.policy.n_probe :]
@@ -404,7 +480,7 @@ class TopPCache(Cache):
             except (RuntimeError, ValueError) as error:
                 _raise_if_nonfinite(layer_idx, row_scores, rows(valid), error)
                 raise
-        capacity = int(counts.max()) + layer.reserve
+        capacity = layer.capacity_after_selection(int(counts.max()))
         compact_keys, compact_values = gather_kv(keys, values, indices, counts, capacity=capacity)
 
         kept = torch.arange(S, device=counts.device) < counts[:, None]  # [R, S]: used index slots
@@ -422,13 +498,13 @@ class TopPCache(Cache):
 
         kept_visual = existed_visual = None
         if is_visual is not None:
-            kept_visual = per_head((rows(is_visual).gather(1, slot) & kept).sum(-1)).cpu()
-            existed_visual = self.visual_mask.sum(-1).cpu()
+            kept_visual = per_head((rows(is_visual).gather(1, slot) & kept).sum(-1))
+            existed_visual = self.visual_mask.sum(-1)
         self.selections.append(
             Selection(
                 layer_idx=layer_idx,
                 seen_tokens=layer.seen_tokens,
-                kept=lengths.to("cpu", copy=True),  # lengths grows in place as tokens arrive
+                kept=lengths.clone(),  # lengths grows in place as tokens arrive
                 existed=layer.seen_tokens - self._padding,
                 kept_visual=kept_visual,
                 existed_visual=existed_visual,
@@ -472,7 +548,7 @@ class TopPCache(Cache):
         """tau of each layer's latest selection: kept / existing tokens, averaged over the rows
         (and heads). A row with no token (all padding) has no ratio and is left out of the
         mean (NaN only if every row is empty)."""
-        return [float(s.ratios()[s.existed > 0].mean()) for s in self._latest_selections()]
+        return [float(s.ratios()[s.existed > 0].mean()) for s in self._latest_selections()]  # host sync: read
 
     @property
     def token_ratio(self) -> float:
@@ -484,7 +560,7 @@ class TopPCache(Cache):
     def row_token_ratios(self) -> Tensor:
         """float [B]: tau of each batch row (one sequence's token ratio, e.g. for a reward); NaN
         for a row with no token (all padding)."""
-        return torch.stack([s.ratios().mean(-1) for s in self._latest_selections()]).mean(0)
+        return torch.stack([s.ratios().mean(-1) for s in self._latest_selections()]).mean(0).cpu()
 
     @property
     def visual_token_ratio(self) -> float | None:
@@ -495,5 +571,11 @@ class TopPCache(Cache):
         return float(torch.stack(ratios).mean()) if ratios else None
 
     def kv_bytes(self) -> int:
-        """Bytes of K/V the cache holds on its device (compact buffers, reserve included)."""
+        """Bytes of K/V the cache has allocated on its device (compact buffers, free slots
+        included)."""
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of K/V of the tokens the cache holds (without free slots or the padding of rows
+        shorter than their layer's longest)."""
+        return sum(layer.kv_bytes_in_use() for layer in self.layers)
