@@ -93,22 +93,12 @@ def plan(config: EvalConfig) -> Plan:
     names = config.tasks or [*task_lib.TEXT_TASKS, *(["visual_needle"] if is_vlm else [])]
     for name in names:
         if name not in task_lib.TASKS:
-            raise EvalError(f"--tasks {name!r}: unknown task; known: {', '.join(task_lib.TASKS)}")
+            raise EvalError(f"--tasks: unknown task {name!r}; known: {', '.join(task_lib.TASKS)}")
         if name == "visual_needle" and not is_vlm:
             raise EvalError(f"--tasks visual_needle needs a Qwen2-VL / Qwen2.5-VL model; "
                             f"{config.model!r} is a {model_config.model_type!r} model")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
-    lengths = [parse_length(x) for x in config.lengths]
-    limit = max_positions(model_config)
-    if limit is not None:
-        for length in lengths:
-            for name in names:
-                needed = length + max_new_tokens(config, name)
-                if needed > limit:
-                    raise EvalError(
-                        f"--lengths {length}: {length} prompt tokens + {max_new_tokens(config, name)} "
-                        f"generated for {name} exceed the model's max_position_embeddings = {limit}")
     specs = config.rules or [r for r in DEFAULT_RULES if is_vlm or not r.startswith("fastv")]
     rules = parse_rules(specs)
     if not is_vlm and any(r.visual_only for r in rules):
@@ -120,6 +110,16 @@ def plan(config: EvalConfig) -> Plan:
     for rule in rules:
         for prefill in prefills:
             rule.policy(prefill, config.policy_fields())  # raises EvalError on a bad value
+    lengths = [parse_length(x) for x in config.lengths]
+    limit = max_positions(model_config)
+    if limit is not None:
+        for length in lengths:
+            for name in names:
+                needed = length + max_new_tokens(config, name)
+                if needed > limit:
+                    raise EvalError(
+                        f"--lengths {length}: {length} prompt tokens + {max_new_tokens(config, name)} "
+                        f"generated for {name} exceed the model's max_position_embeddings = {limit}")
     for name, value in (("--samples", config.samples), ("--batch-size", config.batch_size)):
         if value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
