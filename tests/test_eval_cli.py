@@ -44,6 +44,59 @@ def lexicon(loaded):
     return task_lib.Lexicon(loaded.tokenizer, reserved=task_lib.TEMPLATE_WORDS)
 
 
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory):
+    """A random tiny Qwen2 with a byte-level BPE tokenizer and a chat template, as real
+    checkpoints have: every word and number encodes, so the tasks use their full templates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([" ".join(task_lib.ENGLISH)] * 2 + ["0123456789 VAR = . : ?"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    directory = tmp_path_factory.mktemp("bpe_model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_full_templates_numbers_and_chat_template_on_a_bpe_tokenizer(bpe_model_dir):
+    loaded = load_model(bpe_model_dir)
+    assert loaded.chat
+    lex = lexicon(loaded)
+    assert lex.numbers  # RULER's seven-digit values
+    sample = task_lib.make_sample("niah_multikey", lex, 0, 0)
+    fitted = loaded.fit(sample, 1500)
+    assert 1500 - 40 <= fitted["tokens"] <= 1500
+    text = fitted["text"]
+    assert text.startswith("<|im_start|>user\n") and text.count("One of the special magic numbers for") == 4
+    assert text.endswith("<|im_start|>assistant\n" + sample.answer_prefix)
+    assert sample.answers[0].isdigit() and sample.answers[0] in text
+    vt = task_lib.make_sample("variable_tracking", lex, 0, 0)
+    assert all(f"VAR {name} = " in loaded.fit(vt, 1000)["text"] for name in vt.answers)
+
+
+def test_p1_equals_dense_on_a_bpe_model_with_padding(bpe_model_dir):
+    rows = by_rule(run(config(bpe_model_dir, tasks=["niah_multivalue", "common_words"], lengths=[500],
+                              samples=3, batch_size=3, max_new_tokens=6)))
+    for task in ("niah_multivalue", "common_words"):
+        assert rows[(task, "top_p:1", "dense")]["completions"] == rows[(task, "dense", "dense")]["completions"]
+    with pytest.raises(EvalError, match="max_position_embeddings = 2048"):
+        run(config(bpe_model_dir, lengths=["2k"]))
+
+
 def test_score_is_word_containment():
     assert task_lib.score("The number is 1234567.", ("1234567",)) == 1.0
     assert task_lib.score("12345678", ("1234567",)) == 0.0  # a longer number is not the answer
@@ -205,7 +258,12 @@ def test_progress_is_quiet_off_a_terminal(monkeypatch):
 def test_sparse_prefill_rows_when_supported():
     if "sparse" not in supported_prefills():
         pytest.skip("this sparse_attn has no sparse prefill (TopPPolicy has no 'prefill' field)")
-    rows = run(config(rules=["dense", "top_p:1"], prefills=["dense", "sparse"]))
-    assert {(r["rule"], r["prefill"]) for r in rows} == {("dense", "dense"), ("top_p:1", "dense"),
-                                                         ("top_p:1", "sparse")}
-    assert all(torch.isfinite(torch.tensor(r["token_ratio"])) for r in rows)
+    rows = by_rule(run(config(rules=["dense", "top_p:1", "top_p:0.8"], prefills=["dense", "sparse"],
+                              max_new_tokens=8)))
+    assert set(rows) == {("niah_single", rule, prefill) for rule, prefill in
+                         [("dense", "dense"), ("top_p:1", "dense"), ("top_p:1", "sparse"),
+                          ("top_p:0.8", "dense"), ("top_p:0.8", "sparse")]}
+    dense = rows[("niah_single", "dense", "dense")]
+    assert rows[("niah_single", "top_p:1", "sparse")]["completions"] == dense["completions"]
+    assert rows[("niah_single", "top_p:0.8", "sparse")]["policy"]["prefill"] == "sparse"
+    assert rows[("niah_single", "top_p:0.8", "sparse")]["token_ratio"] < 1.0

@@ -156,6 +156,9 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dty
     """The model (eval mode, on ``device``, in ``dtype``), its tokenizer and, for Qwen2-VL /
     Qwen2.5-VL, its image processor."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    from ..progress import enabled as progress_enabled
 
     path = Path(model_dir)
     config = read_config(path)
@@ -164,11 +167,18 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dty
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     is_vlm = config.model_type in VLM_TYPES
     loader = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    # transformers' own loading bar follows the project's progress display (quiet off a terminal).
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
     try:
         model = loader.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
     except (ValueError, OSError) as error:
         raise EvalError(f"--model {str(model_dir)!r}: cannot load it as a "
                         f"{'Qwen-VL model' if is_vlm else 'causal LM'}: {error}") from error
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer = _load_tokenizer(path)
     if chat_template not in ("auto", "on", "off"):
         raise EvalError(f"--chat-template {chat_template!r}: expected auto, on or off")

@@ -214,6 +214,9 @@ def _niah(name: str, lexicon: Lexicon, rng: np.random.Generator, index: int, key
             "What are all the special magic numbers for {key} mentioned in the provided text?", question,
             key=asked)
     prefix = lexicon.first(*ANSWER_PREFIX, key=asked)
+    if values > 1:
+        prefix = lexicon.first("The special magic numbers for {key} mentioned in the provided text are", prefix,
+                               key=asked)
     return Sample(name, index, question, prefix, answers, lambda n: with_inserts(filler, n, inserts),
                   meta={"depths": depths})
 
