@@ -29,8 +29,9 @@ def enabled() -> bool:
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
-             leave: bool = True, **kwargs) -> tqdm:
+             leave: bool = True, disable: bool = False, **kwargs) -> tqdm:
     """A tqdm bar (``iterable`` wrapped, or ``total`` steps to ``update``), disabled when not
-    ``enabled()``; a disabled bar still iterates and accepts update / set_postfix."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled(),
+    ``enabled()`` or when the caller says ``disable``; a disabled bar still iterates and accepts
+    update / set_postfix."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=disable or not enabled(),
                 dynamic_ncols=True, **kwargs)
