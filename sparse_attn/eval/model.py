@@ -49,6 +49,12 @@ def _load_tokenizer(path: Path):
     # to the model type's class, which then encodes nothing: load the file as it is instead.
     if not tokenizer("a b 1", add_special_tokens=False)["input_ids"] and (path / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    if getattr(tokenizer, "chat_template", None) is None:
+        # Qwen-VL checkpoints keep the chat template with the processor, beside the tokenizer.
+        if (path / "chat_template.jinja").is_file():
+            tokenizer.chat_template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
     tokenizer.padding_side = "left"  # every prompt of a batch ends where generation starts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -252,7 +252,10 @@ def run(config: EvalConfig) -> list[dict]:
                     if loaded is None:
                         loaded = load_model(config.model, device=device, dtype=config.dtype,
                                             chat_template=config.chat_template)
-                        enable(loaded.model)
+                        try:
+                            enable(loaded.model)
+                        except ValueError as error:  # e.g. sliding-window layers
+                            raise EvalError(f"--model {config.model!r}: {error}") from error
                         lexicon = task_lib.Lexicon(loaded.tokenizer, reserved=task_lib.TEMPLATE_WORDS)
                     if fitted is None:
                         bar.set_postfix_str(f"{task} @ {length}: building prompts")
