@@ -32,6 +32,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(rows: list[dict]) -> str:
+    """One line per (length, rule, prefill), one column per task: "accuracy / token ratio"."""
+    task_names = list(dict.fromkeys(r["task"] for r in rows))
+    cells = {(r["length"], r["rule"], r["prefill"], r["task"]): r for r in rows}
+    lines = ["| length | rule | prefill | " + " | ".join(task_names) + " |",
+             "|---:|---|---|" + "---|" * len(task_names)]
+    for length, rule, prefill in dict.fromkeys((r["length"], r["rule"], r["prefill"]) for r in rows):
+        values = [cells.get((length, rule, prefill, t)) for t in task_names]
+        lines.append(f"| {length} | {rule} | {prefill} | " + " | ".join(
+            "-" if v is None else f"{_fmt(v['accuracy'], '.2f')} / {_fmt(v['token_ratio'], '.2f')}" for v in values)
+            + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str | Path) -> bool:
     """Accuracy against token ratio, one panel per task: one line per rule family, prefill and
     length (the knob values along it), dense as a star. False when matplotlib is missing."""
@@ -89,7 +103,8 @@ def write_reports(rows: list[dict], out: str | Path) -> dict[str, Path]:
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
     paths["json"].write_text(json.dumps({"info": info, "rows": [summary(r) for r in rows]}, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(rows) + "\n")
+    paths["markdown"].write_text(markdown_table(rows) + "\n\nAccuracy / token ratio per task:\n\n"
+                                 + pivot_table(rows) + "\n")
     if rows and plot(rows, out / "accuracy_vs_token_ratio.png"):
         paths["plot"] = out / "accuracy_vs_token_ratio.png"
     return paths
