@@ -302,7 +302,8 @@ def visual_needle(lexicon, rng, index, image_size: int = 448, grid: int = 8) -> 
     target = shapes[int(rng.integers(len(shapes)))]
     others = [s for s in SHAPE_NAMES if s != target]
     colour = colours[int(rng.integers(len(colours)))]
-    cells = rng.choice(grid * grid, size=max(2, grid * grid // 3), replace=False)
+    # A few objects, as in the tiny VLM's own world (sf_train.task: 6-10 objects).
+    cells = rng.choice(grid * grid, size=min(grid * grid, int(rng.integers(6, 11))), replace=False)
     cell = image_size // grid
     size = int(cell * 0.75)
     offset = (cell - size) // 2
