@@ -71,7 +71,7 @@ class Lexicon:
     """What the tokenizer can say: phrases it encodes without unknown tokens and decodes back
     to the same words, and disjoint word pools for keys, values and haystack filler."""
 
-    MIN_POOL = 4
+    MIN_POOL = 5  # variable_tracking needs five distinct names
 
     def __init__(self, tokenizer, reserved: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
