@@ -5,7 +5,7 @@ padded to the layer's longest.
     python bench/ragged_budgets.py [--samples 32] [--batch 8]
 
 Measured on the two embedded worlds (sf_train's shipped tiny models: the visual QA world on
-Qwen2.5-VL, checkpoints/base; the key-value retrieval world on Qwen2, checkpoints/kv_base) and
+Qwen2.5-VL, worlds/vqa/checkpoint; the key-value retrieval world on Qwen2, worlds/kv/checkpoint) and
 on synthetic peaked score rows (topp_select over Zipf-like rows whose peakedness differs per
 head). Per layer: padding = 1 - sum(kept) / (rows x max(kept)), right after the prefill's
 selection (slots reserved for decoded tokens excluded). Rows: one prompt alone (batch 1: the KV
@@ -23,7 +23,7 @@ import torch
 from run_op_bench import RESULTS, environment  # bench/run_op_bench.py
 
 from sparse_attn import TopPCache, TopPPolicy, enable, topp_select
-from sf_train.cli import EMBEDDED_TASKS
+from sf_train.worlds.registry import EMBEDDED_TASKS
 
 
 def padding_fractions(cache: TopPCache) -> list[float]:

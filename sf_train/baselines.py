@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from sparse_attn.policy import TopPPolicy
+from sparse_attn.progress import progress
 
 from .config import SFConfig
 from .evaluate import evaluate
@@ -116,7 +117,7 @@ def compare_rules(model, task, config: SFConfig, target_ratio: float | None = No
         target_ratio = top_p_ratio
     report = {"target_ratio": target_ratio, "deploy_p": config.deploy_p, "samples": samples,
               "calibration_samples": calibration, "rules": {}}
-    for name in rules:
+    for name in progress(rules, desc="baselines", unit="rule"):
         rule = RULES[name]
         if name == "top_p":
             matched = {"knob": config.deploy_p, "calibration_ratio": top_p_ratio}

@@ -18,13 +18,16 @@ def evaluate(model, task: TrainingTask, policy_for, p_values, *, samples: int, b
     """{p: {accuracy, token_ratio, visual_token_ratio, layer_ratios}} over the first ``samples``
     samples of ``split``. policy_for(p) gives the TopPPolicy of a threshold."""
     from sparse_attn.attention import enable
+    from sparse_attn.progress import progress
 
     enable(model.eval())
     device = next(model.parameters()).device
     results = {}
+    bar = progress(total=len(p_values) * samples, desc=f"evaluate ({split})", unit="sample", leave=False)
     for p in p_values:
         correct, tau, visual, layers = [], [], [], []
         for start in range(0, samples, batch_size):
+            bar.set_postfix_str(f"p={float(p):g}")
             batch = task.samples(split, start, min(batch_size, samples - start))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in task.encode(batch).items()}
             out = rollout(model, inputs, policy_for(p), max_new_tokens=max_new_tokens,
@@ -36,6 +39,7 @@ def evaluate(model, task: TrainingTask, policy_for, p_values, *, samples: int, b
             if out.visual_token_ratio is not None:
                 visual.append((out.visual_token_ratio, weight))
             layers.append((out.layer_ratios, weight))
+            bar.update(weight)
         results[p] = {
             "accuracy": float(np.mean(correct)),
             "token_ratio": float(np.mean(tau)),
@@ -43,6 +47,7 @@ def evaluate(model, task: TrainingTask, policy_for, p_values, *, samples: int, b
             "layer_ratios": np.average([l for l, _ in layers], axis=0, weights=[w for _, w in layers]).tolist(),
             "samples": samples,
         }
+    bar.close()
     return results
 
 

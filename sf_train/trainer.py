@@ -144,11 +144,11 @@ class SparsityForcingTrainer:
     # --- the loop, checkpoints -----------------------------------------------------------------
 
     def train(self, progress: bool = True) -> list[dict]:
-        from tqdm.auto import tqdm
+        from sparse_attn.progress import progress as progress_bar
 
         history = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress or self.rank != 0, desc="sparsity forcing")
+        bar = progress_bar(total=self.config.steps, initial=self.step, disable=not progress or self.rank != 0, desc="sparsity forcing")
         while self.step < self.config.steps:
             metrics = self.train_step()
             history.append(metrics)
