@@ -1,4 +1,4 @@
-"""The four ops, as Python functions over torch.ops.sparse_attn.*, with fake kernels
+"""The five ops, as Python functions over torch.ops.sparse_attn.*, with fake kernels
 (torch.compile) and autograd. Semantics: SPEC section 2; plain-PyTorch equivalents with the same
 signatures live in sparse_attn.reference."""
 from __future__ import annotations
@@ -85,6 +85,34 @@ def scatter_kv(
     this op writing the kept gradients back to their positions.
     """
     _ops.scatter_kv(k_cache, v_cache, k, v, indices, counts)
+
+
+def decode_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    lengths: Tensor,
+    *,
+    scale: float | None = None,
+    check_lengths: bool = True,
+) -> Tensor:
+    """Attention of the T newest queries over a compact KV cache (one decode step).
+
+    query: [B, Hq, T, D], the T >= 1 new tokens, already appended to the cache. key / value:
+    [B, Hkv, C, D] compact buffers (rows may hold fewer than C tokens; the last dim contiguous,
+    other strides free). lengths: int32 [B, Hkv], tokens held per row, the T new ones included.
+    Query t of a row attends to that row's slots ``< lengths - (T - 1 - t)``; slots past a row's
+    length are never read. Hq a multiple of Hkv (GQA: query head h reads KV head h // (Hq / Hkv),
+    without repeat_kv). fp32 / fp16 / bf16, query, key and value of one dtype; softmax in fp32.
+    scale defaults to D ** -0.5. Returns [B, Hq, T, D] in the query's dtype.
+
+    Lengths outside [T, C] are an error. check_lengths=False skips that check (it reads lengths
+    back to the host on CUDA, a sync): for callers whose lengths are their own counters; an
+    out-of-range length is then clamped to [0, C] and a query that sees no slot gets zeros.
+    No autograd: a decode step runs under no_grad (sparse_attn.reference.decode_attention is the
+    differentiable definition).
+    """
+    return _ops.decode_attention(query, key, value, lengths, scale, check_lengths)
 
 
 # --- torch.compile: shapes of the outputs without running the kernels -------------------------
