@@ -144,6 +144,39 @@ def _scatter_kv_fake(k_cache, v_cache, k, v, indices, counts=None):
     return None
 
 
+_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("sparse_attn::decode_attention")
+def _decode_attention_fake(query, key, value, lengths, scale=None, check_lengths=True):
+    # The shape / dtype / device contract of the C++ checks (csrc/op_checks.cpp), so that a
+    # compiled graph fails where eager fails. The length values are checked at run time.
+    op = "sparse_attn.decode_attention"
+    torch._check(query.dim() == 4, lambda: f"{op}: query must be [B, Hq, T, D], got shape {tuple(query.shape)}")
+    torch._check(key.dim() == 4, lambda: f"{op}: key must be [B, Hkv, C, D], got shape {tuple(key.shape)}")
+    torch._check(value.shape == key.shape, lambda: f"{op}: value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+    for name, t in (("key", key), ("value", value), ("lengths", lengths)):
+        torch._check(t.device == query.device, lambda: f"{op}: {name} is on {t.device} but query is on {query.device}")
+    torch._check(query.dtype in _ATTENTION_DTYPES, lambda: f"{op}: query must be float32, float16 or bfloat16, got {query.dtype}")
+    torch._check(
+        key.dtype == query.dtype and value.dtype == query.dtype,
+        lambda: f"{op}: key and value must have query's dtype {query.dtype}, got {key.dtype} and {value.dtype}",
+    )
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    torch._check(key.shape[0] == B, lambda: f"{op}: key batch {key.shape[0]} != query batch {B}")
+    torch._check(key.shape[3] == D, lambda: f"{op}: key head dim {key.shape[3]} != query head dim {D}")
+    torch._check(T >= 1, lambda: f"{op}: query must hold T >= 1 new tokens")
+    torch._check(D >= 1, lambda: f"{op}: the head dim must be >= 1")
+    torch._check(Hkv > 0 and Hq % Hkv == 0, lambda: f"{op}: query heads ({Hq}) must be a multiple of key heads ({Hkv})")
+    torch._check(lengths.dtype == torch.int32, lambda: f"{op}: lengths must be int32, got {lengths.dtype}")
+    torch._check(
+        lengths.dim() == 2 and lengths.shape[0] == B and lengths.shape[1] == Hkv,
+        lambda: f"{op}: lengths must have shape [{B}, {Hkv}] (tokens per KV row), got {tuple(lengths.shape)}",
+    )
+    return query.new_empty(query.shape)
+
+
 # --- autograd: gather_kv's backward writes the kept gradients back to their positions ---------
 
 
