@@ -110,14 +110,16 @@ def gqa_fold_visibility(query: Tensor, lengths: Tensor, capacity: int) -> tuple[
 
     query [B, Hq, T, D] -> [B, Hkv, g * T, D] (g = Hq / Hkv; row i * T + t is query head
     h * g + i at step t: KV head h serves its g query heads without repeat_kv), and
-    visible bool [B, Hkv, g * T, capacity]: row (i, t) sees slot j < lengths[b, h] - (T - 1 - t).
+    visible bool [B, Hkv, g * T, capacity]: row (i, t) sees slot j < lengths[b, h] - (T - 1 - t)
+    (lengths clamped to [0, capacity]).
     """
     B, Hq, T, D = query.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     folded = query.reshape(B, Hkv, g * T, D)
     t = torch.arange(T, device=query.device).repeat(g)  # [g * T]
-    end = lengths.long()[:, :, None] - (T - 1 - t)  # [B, Hkv, g * T]
+    held = lengths.long().clamp(0, capacity)  # a row holds at most `capacity` tokens
+    end = held[:, :, None] - (T - 1 - t)  # [B, Hkv, g * T]
     visible = torch.arange(capacity, device=query.device) < end[..., None]
     return folded, visible
 
