@@ -8,7 +8,7 @@
 
 namespace sparse_attn {
 
-inline void check_launch(const char* what) {
+inline void check_launch(const std::string& what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("sparse_attn::") + what + ": " + cudaGetErrorString(err));
