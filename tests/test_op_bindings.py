@@ -48,3 +48,46 @@ def test_no_zero_fill_of_outputs_the_kernels_write(device, gen):
     assert _fills(lambda: sparse_attn.decode_attention(q, k, v, lengths, check_lengths=False)) == []
     if device.type == "cuda":  # the CPU kernel accumulates into a zeroed output
         assert _fills(lambda: sparse_attn.cumulative_scores(q, k)) == []
+
+
+def _bad_calls():
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8)
+    kv = torch.zeros(2, 3, 4, 6)
+    idx = torch.zeros(2, 2, dtype=torch.int32)
+    ops = torch.ops.sparse_attn
+    return [
+        (ops.cumulative_scores, (q.half(), k), "k must have q's dtype"),
+        (ops.cumulative_scores, (torch.randn(1, 3, 3, 8), k), r"query heads \(3\) must be a multiple of key heads \(2\)"),
+        (ops.cumulative_scores, (q, k, None, True, torch.ones(1, 4, dtype=torch.bool)), r"key_mask must have shape \[1, 5\]"),
+        (ops.cumulative_scores, (q, k, -1.0), "scale must be a positive finite number"),
+        (ops.topp_select, (torch.rand(2, 5).double(), 0.5), "scores must be float32"),
+        (ops.topp_select, (torch.rand(2, 5), 1.5), r"p must be in \(0, 1\]"),
+        (ops.topp_select, (torch.rand(2, 5), 1.0, torch.ones(3)), r"p as a tensor must have shape \[2\]"),
+        (ops.topp_select, (torch.rand(2, 5), 0.5, None, None, -1), "keep_first and keep_last must be >= 0"),
+        (ops.gather_kv, (kv, kv, idx.long(), torch.zeros(2, dtype=torch.int32), 4), "indices must be int32"),
+        (ops.gather_kv, (kv, kv.half(), idx, torch.zeros(2, dtype=torch.int32), 4), "k and v must have the same dtype"),
+        (ops.gather_kv, (kv, kv, idx, torch.zeros(3, dtype=torch.int32), 4), r"counts must have shape \[2\]"),
+        (ops.gather_kv, (kv, kv, idx, torch.zeros(2, dtype=torch.int32), -1), "capacity must be >= 0"),
+        (ops.scatter_kv, (kv, kv.clone(), torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5), idx[:, :1], None),
+         r"k must be \[2, 3, T, 6\] to match k_cache"),
+        (ops.scatter_kv, (kv.transpose(2, 3), kv.clone().transpose(2, 3), torch.randn(2, 3, 1, 4),
+                          torch.randn(2, 3, 1, 4), idx[:, :1], None), "must be contiguous"),
+        (ops.decode_attention, (q, k, k, torch.full((1, 2), 5, dtype=torch.int32), None, True), None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_fake_kernels_refuse_what_eager_refuses(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn, args, match = _bad_calls()[case]
+    if match is None:  # a valid call: both run
+        fn(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fn(*args)
+        return
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(RuntimeError, match=match):
+            fn(*args)
