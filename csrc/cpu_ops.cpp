@@ -122,7 +122,10 @@ Tensor decode_attention_cpu_op(const Tensor& query, const Tensor& key, const Ten
   at::parallel_for(0, rows * prm.splits, 1,
                    [&](int64_t b, int64_t e) { decode_attention_cpu(prm, b, e); });
   if (prm.splits > 1) {
-    at::parallel_for(0, rows, 1,
+    // The combine reads splits * nq * D floats per row: a small one runs on this thread (a
+    // parallel region costs a wake-up of the other threads, far more than the merge itself).
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (prm.splits * nq * prm.D));
+    at::parallel_for(0, rows, grain,
                      [&](int64_t b, int64_t e) { decode_attention_combine_cpu(prm, b, e); });
   }
   return out;
