@@ -71,7 +71,10 @@ def extension():
     with_cuda = cuda_wanted()
     archs = os.environ.get("SPARSE_ATTN_CUDA_ARCHS", "80;90a")
     write_build_info(with_cuda, archs)
-    sources = ["csrc/torch_bindings.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cpu").glob("*.cpp"))]
+    # Schemas + module, the shared checks, the CPU glue and kernels; the CUDA glue and kernels
+    # only in a CUDA build (each device registers its own implementation).
+    sources = ["csrc/torch_bindings.cpp", "csrc/op_checks.cpp", "csrc/cpu_ops.cpp",
+               *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cpu").glob("*.cpp"))]
     # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, the CPU kernels
     # silently run on one thread. The runtime is the libgomp torch already loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -79,7 +82,8 @@ def extension():
     if not with_cuda:
         return CppExtension("sparse_attn._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=openmp)
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cuda").glob("*.cu"))
+    sources += ["csrc/cuda_ops.cpp",
+                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cuda").glob("*.cu"))]
     return CUDAExtension(
         "sparse_attn._C",
         sources,

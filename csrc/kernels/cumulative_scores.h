@@ -28,10 +28,16 @@ SA_HOST_DEVICE int64_t probe_visible_end(int64_t i, int64_t Lq, int64_t Lk, bool
   return end < 0 ? 0 : (end > Lk ? Lk : end);
 }
 
-// CPU: the registration layer computes fp32 logit tiles (scale * q . k) for `rows` probe rows of
-// one KV group with a BLAS GEMM; this fused pass turns each row into probabilities in place and
-// adds them into acc[0..Lk). Row t is probe (first_probe + t) % Lq. Only one tile of rows is
-// ever in memory, never the [Hq * Lq, Lk] probability matrix.
+// CPU: KV rows [bh_begin, bh_end) (bh = b * Hkv + h) of out, which the caller zeroed. q and k
+// must be fp32 (dtype kFloat32) with q already multiplied by scale; params.scale is not applied
+// again. fp32 logit tiles of one KV group come from a BLAS GEMM and go through
+// softmax_column_sum_cpu.
+void cumulative_scores_cpu(const CumulativeScoresParams& params, int64_t bh_begin, int64_t bh_end);
+
+// CPU: the fused pass over one GEMM tile of fp32 logits (scale * q . k) for `rows` probe rows of
+// one KV group: turns each row into probabilities in place and adds them into acc[0..Lk). Row t
+// is probe (first_probe + t) % Lq. Only one tile of rows is ever in memory, never the
+// [Hq * Lq, Lk] probability matrix.
 void softmax_column_sum_cpu(float* logits, int64_t rows, int64_t first_probe, int64_t Lq,
                             int64_t Lk, bool causal, const uint8_t* key_mask, float* acc);
 

@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "../cumulative_scores.h"
+#include "check_launch.cuh"
 
 namespace sparse_attn {
 namespace {
@@ -52,16 +53,6 @@ constexpr int64_t kMaxD = int64_t{1} << 30;
 static_assert(kThreads == 4 * kBM, "pass 1 maps 4 threads to each row");
 static_assert(kThreads % kBN == 0, "pass 2 maps kThreads / kBN threads to each key");
 static_assert(kThreads == 256 && kBM == 64 && kBN == 64, "tile mappings assume 256 threads, 64x64");
-
-void throw_cuda(cudaError_t err, const char* what) {
-  throw std::runtime_error(std::string("sparse_attn::cumulative_scores_cuda: ") + what + ": " +
-                           cudaGetErrorString(err));
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw_cuda(err, what);
-}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
@@ -491,13 +482,13 @@ void launch(const CumulativeScoresParams& p, cudaStream_t stream) {
     lse_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         q, k, p.key_mask, p.lse, splits > 1 ? p.out : nullptr, p.Hq, p.Hkv, p.Lq, p.Lk, D,
         p.scale, p.causal, row_tiles, splits, tiles_per_split, vec);
-    check_launch("lse_kernel launch failed");
+    check_launch("cumulative_scores_cuda: lse_kernel launch failed");
     if (splits > 1) {
       const int64_t n = p.B * p.Hq * p.Lq;
       const int64_t cblocks = ceil_div(n, 256) < 65535 ? ceil_div(n, 256) : 65535;
       lse_combine_kernel<<<static_cast<unsigned>(cblocks), 256, 0, stream>>>(
           p.out, p.lse, p.B, p.Hq, p.Hkv, p.Lq, p.Lk, splits);
-      check_launch("lse_combine_kernel launch failed");
+      check_launch("cumulative_scores_cuda: lse_combine_kernel launch failed");
     }
   }
 
@@ -507,7 +498,7 @@ void launch(const CumulativeScoresParams& p, cudaStream_t stream) {
     if (blocks > INT_MAX) throw std::runtime_error("cumulative_scores_cuda: problem too large");
     colsum_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         q, k, p.key_mask, p.lse, p.out, p.Hq, p.Hkv, p.Lq, p.Lk, D, p.scale, p.causal, vec);
-    check_launch("colsum_kernel launch failed");
+    check_launch("cumulative_scores_cuda: colsum_kernel launch failed");
   }
 }
 

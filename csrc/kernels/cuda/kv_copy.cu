@@ -19,6 +19,7 @@
 #include <string>
 
 #include "../kv_copy.h"
+#include "check_launch.cuh"
 
 namespace sparse_attn {
 namespace {
@@ -28,13 +29,6 @@ constexpr int kCopyThreads = 256;
 constexpr int kMaxSlots = 256;          // slots per copy block (shared staging size)
 constexpr int64_t kChunkBytes = 16384;  // bytes per tensor a copy block moves (roughly)
 constexpr int64_t kMaxGridY = 65535;
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sparse_attn::") + what + ": kernel launch failed: " +
-                             cudaGetErrorString(err));
-}
 
 // status[r] for every index row r < R. Entries are checked against [0, indexed_len); the count
 // must be in [0, max_count].
@@ -237,7 +231,7 @@ void launch_copy(const KVCopyParams& p, int64_t n_slots, cudaStream_t stream, co
       else scatter_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(a);
       break;
   }
-  check_launch(what);
+  check_launch(std::string(what) + ": kernel launch failed");
 }
 
 }  // namespace
@@ -255,7 +249,7 @@ void check_kv_indices_cuda(const KVCopyParams& params, KVCopyKind kind, void* st
                     static_cast<cudaStream_t>(stream)>>>(
       params.indices, params.counts, params.status, R, params.n_indices,
       kv_max_count(params, kind), kv_indexed_len(params, kind));
-  check_launch(what);
+  check_launch(std::string(what) + ": kernel launch failed");
 }
 
 void gather_kv_cuda(const KVCopyParams& params, void* stream) {

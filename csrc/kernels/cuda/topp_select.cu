@@ -30,6 +30,7 @@
 #include <string>
 
 #include "../topp_select.h"
+#include "check_launch.cuh"
 
 namespace sparse_attn {
 namespace {
@@ -413,10 +414,7 @@ void topp_select_cuda(const ToppSelectParams& params, void* stream) {
   if (params.R == 0) return;
   topp_select_kernel<<<static_cast<unsigned>(params.R), kThreads, 0,
                        static_cast<cudaStream_t>(stream)>>>(params);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sparse_attn::topp_select_cuda: kernel launch failed: ") +
-                             cudaGetErrorString(err));
+  check_launch("topp_select_cuda: kernel launch failed");
 }
 
 }  // namespace sparse_attn
