@@ -126,15 +126,14 @@ def decode_attention(
 ) -> Tensor:
     """The one place the compact decode attends ([B, Hq, T, D] -> [B, Hq, T, D]): the
     decode_attention op over the layer's full buffers (it reads each row's first lengths slots;
-    static shapes for CUDA graphs), or without it (or with dropout) masked SDPA over the buffers
-    up to max_length."""
-    op = getattr(ops, "decode_attention", None)
-    if op is not None and not dropout:
-        # The lengths are the cache's own counters: no range check (a host sync on CUDA).
-        return op(
-            query, layer.keys, layer.values, layer.lengths, scale=scale, check_lengths=False
-        )
-    return masked_decode_attention(query, key, value, layer.lengths, scale, dropout)
+    static shapes for CUDA graphs). Attention dropout (training forwards only) takes masked SDPA
+    over the buffers up to max_length, the op's semantics with dropout."""
+    if dropout:
+        return masked_decode_attention(query, key, value, layer.lengths, scale, dropout)
+    # The lengths are the cache's own counters: no range check (a host sync on CUDA).
+    return ops.decode_attention(
+        query, layer.keys, layer.values, layer.lengths, scale=scale, check_lengths=False
+    )
 
 
 def masked_decode_attention(
