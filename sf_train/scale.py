@@ -1,0 +1,126 @@
+"""Training at scale (docs/scale.md): LoRA adapters (peft), FSDP2 sharding (torch.distributed),
+gradient checkpointing and bf16 autocast, and checkpoints that hold exactly the trained state.
+
+Nothing here is a home-made distribution or adapter scheme: LoRA is peft's, sharding is
+``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer and then the root, and the
+full (unsharded) state dicts are gathered with ``torch.distributed.checkpoint.state_dict``, the
+same calls for a plain, DDP or FSDP model, so one checkpoint format serves every mode.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import SFConfig
+
+
+def autocast(config: SFConfig, device: torch.device):
+    """bf16 autocast around the forwards when SFConfig.dtype = "bfloat16": matmuls run in bf16,
+    master weights, gradients, optimizer state and the loss stay fp32 (docs/scale.md#dtype)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+
+
+def apply_lora(model: nn.Module, config: SFConfig):
+    """peft LoRA adapters on ``config.lora_target_modules`` of ``model`` (in place: ``model``
+    keeps its class, its targeted Linear layers gain adapters, every base weight is frozen).
+    Returns the PeftModel, whose ``disable_adapter()`` gives the reference model."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("SFConfig.lora_rank > 0 needs peft: pip install 'sparse-attn[scale]' (or pip install peft)") from e
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(config.lora_target_modules))
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"SFConfig.lora_target_modules={config.lora_target_modules}: {e}") from None
+    return peft_model
+
+
+def freeze_to_dtype(model: nn.Module, config: SFConfig) -> None:
+    """Frozen weights (a LoRA base, the full fine-tuning reference) stored in bf16 under
+    dtype = "bfloat16": they are never updated, so fp32 master copies would only cost memory."""
+    if config.dtype != "bfloat16":
+        return
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers model (the text model's, for a VLM): the modules
+    transformers itself marks as _no_split_modules, less the vision tower's blocks."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names and hasattr(m, "self_attn")]
+    if not layers:
+        raise ValueError(f"SFConfig.distributed='fsdp': found no decoder layers ({sorted(names)}) in {type(model).__name__}")
+    return layers
+
+
+def shard(model: nn.Module, config: SFConfig) -> None:
+    """FSDP2: fully_shard every decoder layer, then the root (embeddings, norms, head, vision
+    tower), over all ranks. bf16 under dtype = "bfloat16" for the gathered parameters, fp32
+    for the gradient reduction and the sharded master weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if config.dtype == "bfloat16" else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def model_state(model: nn.Module, trainable_only: bool) -> dict:
+    """The full (unsharded, CPU) state dict; with ``trainable_only``, just the trained tensors
+    (LoRA: the adapters). A collective under FSDP: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options())
+    if trainable_only:
+        keep = trainable_names(model)
+        state = {k: v for k, v in state.items() if k in keep}
+    return state
+
+
+def load_model_state(model: nn.Module, state: dict, trainable_only: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if trainable_only and set(state) != trainable_names(model):
+        raise ValueError("the checkpoint's trained tensors are not this model's trainable ones (another lora_rank or "
+                         f"lora_target_modules?): {sorted(set(state) ^ trainable_names(model))[:4]} ...")
+    set_model_state_dict(model, state, options=_options(strict=not trainable_only))
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+@contextlib.contextmanager
+def adapters_disabled(peft_model):
+    """The reference model: the policy with its LoRA adapters off (no second copy in memory)."""
+    with peft_model.disable_adapter():
+        yield
