@@ -45,8 +45,16 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def load_config(args, recipe: bool = False) -> SFConfig:
-    """SFConfig from --config and --set; with ``recipe``, an embedded task's main_recipe under both."""
+    """SFConfig from --config and --set; with ``recipe``, an embedded task's main_recipe under both.
+    With --resume, the checkpoint's config under both (trainer.resume refuses a changed field)."""
     overrides = parse_overrides(args.set or [])
+    if getattr(args, "resume", False):
+        from .trainer import checkpoint_config
+
+        given = {**(SFConfig.file_values(args.config) if args.config else {}), **overrides}
+        stored = checkpoint_config(given.get("out_dir", SFConfig.out_dir))
+        known = {f for f in SFConfig().to_dict()}
+        return SFConfig(**{**{k: v for k, v in stored.items() if k in known}, **given})
     config = SFConfig.from_file(args.config, **overrides) if args.config else SFConfig(**overrides)
     if recipe and config.task in EMBEDDED_TASKS:
         given = set(overrides) | (set(SFConfig.file_values(args.config)) if args.config else set())
@@ -134,29 +142,36 @@ def init_distributed() -> None:
             torch.cuda.set_device(device_for_rank())
 
 
-def run_training(config: SFConfig, resume: bool = False):
-    from .trainer import SparsityForcingTrainer
+def run_training(config: SFConfig, resume: bool = False, overwrite: bool = False):
+    from .trainer import SparsityForcingTrainer, check_fresh_out_dir
 
     config = resolve_model(config)
+    if not resume:  # before loading any model
+        check_fresh_out_dir(Path(config.out_dir), overwrite, delete=False)
     torch.manual_seed(config.seed)
     policy, reference, task = load_models_and_task(config)
+    if config.lora_rank:  # the reference is the policy with its adapters disabled (docs/scale.md#lora)
+        del reference
+        reference = None
     trainer = SparsityForcingTrainer(config, policy, reference, task, device=device_for_rank())
     if resume:
         trainer.resume()
-    trainer.train()
-    if trainer.rank == 0:
-        save_final(policy, config.model, Path(config.out_dir) / "final")
+    trainer.train(overwrite=overwrite)
+    save_final(trainer.final_model(), config.model, Path(config.out_dir) / "final",
+               state_dict=trainer.final_state_dict(), write=trainer.rank == 0)
     return trainer
 
 
-def save_final(model, base_dir: str, out: Path) -> None:
+def save_final(model, base_dir: str, out: Path, state_dict: dict | None = None, write: bool = True) -> None:
     """A checkpoint directory like the base one: its tokenizer / processor / config files, the
-    trained weights."""
+    trained weights (``state_dict``: gathered from a sharded model; a PeftModel saves its adapter)."""
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(base_dir).iterdir():
         if f.is_file() and f.suffix not in (".safetensors", ".bin"):
             shutil.copy(f, out / f.name)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
 
 
 def run_eval(config: SFConfig, model_dir: str, p_values, samples: int, out: str | None):
@@ -179,7 +194,10 @@ def main(argv=None) -> None:
         p.add_argument("--config", help="YAML or JSON file of SFConfig fields")
         p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+            p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint, with its config")
+        if name in ("train", "main"):
+            p.add_argument("--overwrite", action="store_true",
+                           help="start over in an out_dir that holds an earlier run (its metrics and checkpoint are deleted)")
         if name == "eval":
             p.add_argument("--model", help="checkpoint directory (default: the config's model)")
             p.add_argument("--p", type=float, nargs="+", help="thresholds (default: config eval_p)")
@@ -187,9 +205,12 @@ def main(argv=None) -> None:
             p.add_argument("--out", help="write the report as JSON here")
     args = ap.parse_args(argv)
     init_distributed()
-    config = load_config(args, recipe=args.command == "main")
+    try:
+        config = load_config(args, recipe=args.command == "main")
+    except (TypeError, ValueError, FileNotFoundError) as e:  # a bad field or file: say which, no traceback
+        raise SystemExit(f"sf-train {args.command}: {e}") from None
     if args.command == "train":
-        run_training(config, resume=args.resume)
+        run_training(config, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "eval":
         results = run_eval(config, args.model or resolve_model(config).model, args.p or config.eval_p,
                            args.samples or config.eval_samples, args.out)
@@ -197,7 +218,7 @@ def main(argv=None) -> None:
     else:
         from .embedded_default import run_embedded_default
 
-        run_embedded_default(config)
+        run_embedded_default(config, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ def ensure_base_checkpoint(path: Path, trainer: str = "sf_train.sft") -> None:
     importlib.import_module(trainer).main(["--out", str(path)])
 
 
-def run_embedded_default(config: SFConfig) -> dict:
+def run_embedded_default(config: SFConfig, overwrite: bool = False) -> dict:
+    from .trainer import check_fresh_out_dir
+
     out_dir = Path(config.out_dir)
+    check_fresh_out_dir(out_dir, overwrite, delete=False)  # before the first evaluation, not after it
     # The default names the packaged base checkpoint of an embedded task (found wherever sf_train
     # is installed, trained if missing); any other path is used as given, and a missing one is an
     # error, not a silent substitute.
@@ -47,7 +50,7 @@ def run_embedded_default(config: SFConfig) -> dict:
 
     started = time.perf_counter()
     before = run_eval(config, str(model), p_values, config.eval_samples, str(out_dir / "before.json"))
-    run_training(config)
+    run_training(config, overwrite=overwrite)
     after = run_eval(config, str(out_dir / "final"), p_values, config.eval_samples, str(out_dir / "after.json"))
     # The paper's Table 3 in miniature: other selection rules at top-p's token ratio, before and after.
     rules = compare_checkpoints(config, {"before": str(model), "after": str(out_dir / "final")},

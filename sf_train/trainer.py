@@ -128,6 +128,9 @@ class SparsityForcingTrainer:
         self.policy.set_attn_implementation(REPLAY_ATTENTION)
         self.trained = self.policy
         self.sharded = self.world_size > 1 and config.distributed == "fsdp"
+        if self.sharded and self.peft_model is not None:
+            # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#what-fits-where)
+            raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated)")
         if self.sharded:
             scale.shard(self.policy, config)
             if self.reference is not None:
@@ -140,6 +143,17 @@ class SparsityForcingTrainer:
         self.step = 0
         self.resumed = False
         self.out_dir = Path(config.out_dir)
+
+    def final_model(self):
+        """The model to save at the end: the policy; with LoRA, the adapters merged into it
+        (SFConfig.lora_merge) or the PeftModel (saves the adapter alone)."""
+        if self.peft_model is None:
+            return self.policy
+        return self.peft_model.merge_and_unload() if self.config.lora_merge else self.peft_model
+
+    def final_state_dict(self) -> dict | None:
+        """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
+        return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
 
     def autocast(self):
         return scale.autocast(self.config, self.device)
