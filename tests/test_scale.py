@@ -1,0 +1,130 @@
+"""Training at scale on CPU (docs/scale.md): LoRA through peft, bf16 autocast, gradient
+checkpointing, FSDP2 over 2 gloo processes."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sf_train.trainer import SparsityForcingTrainer, training_batch
+from test_replay import assert_replay_matches_rollouts, left_padded_prompts
+from test_trainer import make_config
+from toy_task import EOS, PAD, toy_model, toy_task
+
+pytest.importorskip("peft")
+
+
+def flat(named):
+    return {k: v.detach().clone() for k, v in named}
+
+
+def lora_trainer(config):
+    return SparsityForcingTrainer(config, toy_model(), None, toy_task())
+
+
+def fixed_batch(trainer):
+    """A training batch of the trainer's first prompts with rollouts decoded now (p = 0.5, 1.0)."""
+    samples = trainer.task.samples("train", 0, 3)
+    inputs = trainer.task.encode(samples)
+    groups = trainer.rollouts(inputs)[:2]
+    return training_batch(inputs, groups, torch.zeros(3, 2), PAD)
+
+
+def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_free_policy(tmp_path):
+    torch.manual_seed(0)
+    base = flat(toy_model().named_parameters())
+    trainer = lora_trainer(make_config(tmp_path, steps=2, lora_rank=4, lora_target_modules=("q_proj", "v_proj")))
+    assert trainer.reference is None, "no second copy of the model"
+    before = flat(trainer.policy.named_parameters())
+    adapters = {k for k in before if "lora_" in k}
+    assert adapters and all(v.requires_grad for k, v in trainer.policy.named_parameters() if k in adapters)
+    batch = fixed_batch(trainer)
+    ref_before = trainer.reference_logp(batch)
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(m["loss"]) for m in history) and history[-1]["kl"] > 0
+    after = flat(trainer.policy.named_parameters())
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and changed <= adapters, f"non-adapter weights moved: {sorted(changed - adapters)[:3]}"
+    assert any("lora_B" in k for k in changed)
+    # the reference: unchanged by training, and equal to the base model without adapters
+    torch.testing.assert_close(trainer.reference_logp(batch), ref_before, rtol=0, atol=0)
+    plain = toy_model()
+    from sf_train.trainer import sequence_logp
+
+    with torch.no_grad():
+        base_logp, _ = sequence_logp(plain, batch, 1.0, ())
+    torch.testing.assert_close(ref_before, base_logp, rtol=0, atol=1e-5)
+    stripped = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    assert all(torch.equal(stripped[k], base[k]) for k in base), "base weights are frozen"
+    # the trained policy is not the reference
+    with torch.no_grad():
+        assert not torch.allclose(sequence_logp(trainer.policy, batch, 1.0, ())[0], base_logp, atol=1e-4)
+
+
+def test_lora_replay_matches_rollouts(tmp_path):
+    torch.manual_seed(0)
+    trainer = lora_trainer(make_config(tmp_path, steps=1, lora_rank=4, lr=1e-2))
+    trainer.train(progress=False)
+    assert any(float(p.detach().abs().max()) > 0 for k, p in trainer.policy.named_parameters() if "lora_B" in k)
+    assert_replay_matches_rollouts(trainer.policy, left_padded_prompts([30, 21, 25], vocab=32), "layer", EOS, PAD, max_tau=0.97,
+                                   n_probe=4, keep_first=1, keep_last=2)
+
+
+def test_lora_resume_is_exact_and_checkpoint_holds_adapters_only(tmp_path):
+    torch.manual_seed(0)
+    config = dict(lora_rank=4, lr=1e-2)
+    uninterrupted = lora_trainer(make_config(tmp_path / "a", **config))
+    full = uninterrupted.train(progress=False)
+    torch.manual_seed(0)
+    lora_trainer(make_config(tmp_path / "b", steps=2, **config)).train(progress=False)
+    state = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    assert state["lora"] and state["model"] and all("lora_" in k for k in state["model"])
+    assert set(state["optimizer"]["state"]) == set(state["model"])
+    torch.manual_seed(123)
+    resumed = lora_trainer(make_config(tmp_path / "b", steps=3, **config))
+    resumed.resume()
+    last = resumed.train(progress=False)
+    for key, value in full[2].items():
+        if key != "rollout_tokens_per_s":
+            assert last[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    a, b = flat(uninterrupted.policy.named_parameters()), flat(resumed.policy.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lora_rank"):  # a LoRA checkpoint is not a full fine-tuning one
+        SparsityForcingTrainer(make_config(tmp_path / "b", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task()).resume()
+
+
+def test_lora_final_save_merges_or_saves_the_adapter(tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from sf_train.cli import save_final
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    toy_model().save_pretrained(base_dir)
+    for merge in (True, False):
+        trainer = lora_trainer(make_config(tmp_path / str(merge), steps=1, lora_rank=4, lr=1e-2, lora_merge=merge))
+        trainer.train(progress=False)
+        ids = torch.randint(2, 32, (2, 9))
+        with torch.no_grad():
+            expected = trainer.policy(input_ids=ids).logits
+        save_final(trainer.final_model(), str(base_dir), tmp_path / f"final_{merge}")
+        if merge:
+            merged = Qwen2ForCausalLM.from_pretrained(tmp_path / f"final_{merge}")
+            assert not any("lora" in k for k in merged.state_dict())
+            with torch.no_grad():
+                torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        else:
+            assert (tmp_path / f"final_{merge}" / "adapter_config.json").exists()
+            assert (tmp_path / f"final_{merge}" / "adapter_model.safetensors").exists()
+
+
+def test_lora_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        lora_trainer(make_config(tmp_path, lora_rank=2, lora_target_modules=("no_such_proj",)))
+    with pytest.raises(ValueError, match="reference_model=None"):
+        SparsityForcingTrainer(make_config(tmp_path, lora_rank=2), toy_model(), toy_model(), toy_task())
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        make_config(tmp_path, lora_rank=-1)
