@@ -39,7 +39,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FORMAT = 2  # tensors and plain values only: loadable with torch.load(weights_only=True)
 # SFConfig fields a resumed run may change; every other one must match the checkpoint's run.
-RESUMABLE_FIELDS = ("steps", "out_dir", "save_every", "eval_samples", "baseline_samples", "eval_p")
+RESUMABLE_FIELDS = ("steps", "out_dir", "save_every", "eval_samples", "baseline_samples", "eval_p", "distributed",
+                    "gradient_checkpointing")  # the checkpoint is unsharded; recomputation changes no value
 
 
 def world() -> tuple[int, int]:

@@ -128,3 +128,64 @@ def test_lora_config_errors_name_the_field(tmp_path):
         SparsityForcingTrainer(make_config(tmp_path, lora_rank=2), toy_model(), toy_model(), toy_task())
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         make_config(tmp_path, lora_rank=-1)
+
+
+# --- FSDP2 over 2 gloo processes ------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank, world_size, port, runs, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name, over, resume in runs:
+            torch.manual_seed(rank)
+            trainer = SparsityForcingTrainer(make_config(**over), toy_model(), toy_model(), toy_task())
+            if resume:
+                trainer.resume()
+            history = trainer.train(progress=False)
+            from sf_train.scale import model_state
+
+            weights = model_state(trainer.policy, trainable_only=False)  # a collective: every rank
+            results[(name, rank)] = (history, weights)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(runs, world_size=2):
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp_worker, args=(world_size, _free_port(), runs, results), nprocs=world_size, join=True)
+    return dict(results)
+
+
+def test_fsdp_two_processes_match_ddp_and_resume_exactly(tmp_path):
+    base = dict(tmp_path=tmp_path, steps=2, lr=1e-2)
+    runs = [
+        ("ddp", dict(base, tmp_path=tmp_path / "ddp"), False),
+        ("fsdp", dict(base, tmp_path=tmp_path / "fsdp", distributed="fsdp"), False),
+        ("first", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp", steps=1), False),
+        ("resumed", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp"), True),
+    ]
+    results = spawn(runs)
+    (h_ddp, w_ddp), (h_fsdp, w_fsdp) = results[("ddp", 0)], results[("fsdp", 0)]
+    assert w_fsdp and set(w_fsdp) == set(w_ddp)
+    for k in w_ddp:  # same rollouts (per-rank RNG streams), the same update up to reduction order
+        torch.testing.assert_close(w_fsdp[k], w_ddp[k], rtol=0, atol=1e-5)
+    assert any(not torch.equal(w_fsdp[k], toy_model().state_dict()[k]) for k in w_fsdp), "the weights moved"
+    for key in ("loss", "reward", "kl", "token_ratio"):
+        assert h_fsdp[-1][key] == pytest.approx(h_ddp[-1][key], rel=1e-4, abs=1e-6), key
+    # resume under FSDP: weights, optimizer and each rank's RNG continue exactly
+    h_resumed, w_resumed = results[("resumed", 0)]
+    assert [m["step"] for m in h_resumed] == [2]
+    assert all(torch.equal(w_resumed[k], w_fsdp[k]) for k in w_fsdp)
+    assert h_resumed[-1]["loss"] == h_fsdp[-1]["loss"]
+    # the checkpoint is unsharded: it loads into a single-process run
+    single = SparsityForcingTrainer(make_config(tmp_path / "resume", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task())
+    with pytest.warns(UserWarning, match="RNG states of 2 ranks"):
+        single.resume()
+    assert single.step == 2
