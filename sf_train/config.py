@@ -136,7 +136,7 @@ class SFConfig:
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_merge: bool = True  # the final save merges the adapters into the weights (else saves the adapter)
     gradient_checkpointing: bool = False
-    dtype: str = "float32"  # "bfloat16": bf16 autocast, fp32 master weights (docs/scale.md#dtype)
+    dtype: str = "float32"  # "bfloat16": frozen weights and compute in bf16, trained weights fp32 (docs/scale.md#dtype)
     data: str = ""  # task=jsonl: the JSONL file of {"images" | "video", "question", "answer"}
     correctness: str = "exact"  # task=jsonl: how an answer is judged (sf_train/jsonl_task.py CORRECTNESS)
 
@@ -186,6 +186,10 @@ class SFConfig:
         if self.lora_rank < 0 or not self.lora_alpha > 0 or not self.lora_target_modules:
             raise ValueError("SFConfig.lora_rank must be >= 0, lora_alpha > 0 and lora_target_modules non-empty, got "
                              f"{self.lora_rank}, {self.lora_alpha}, {self.lora_target_modules}")
+        if self.dtype == "bfloat16" and not self.lora_rank and self.distributed != "fsdp":
+            # bf16 weights updated by AdamW in place would lose every update below bf16's resolution
+            raise ValueError("SFConfig.dtype='bfloat16' with full fine-tuning needs distributed='fsdp' (also on one "
+                             "process: fp32 master weights, bf16 compute) or lora_rank > 0 (bf16 base, fp32 adapters)")
         if self.gradient_checkpointing and self.soft_tau_weight:
             # the soft term's forward runs the eager attention, which a recompute in backward would not
             raise ValueError("SFConfig.gradient_checkpointing does not support soft_tau_weight > 0")

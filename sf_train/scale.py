@@ -1,5 +1,5 @@
 """Training at scale (docs/scale.md): LoRA adapters (peft), FSDP2 sharding (torch.distributed),
-gradient checkpointing and bf16 autocast, and checkpoints that hold exactly the trained state.
+gradient checkpointing and bf16 weights, and checkpoints that hold exactly the trained state.
 
 Nothing here is a home-made distribution or adapter scheme: LoRA is peft's, sharding is
 ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer and then the root, and the
@@ -17,10 +17,11 @@ from torch import nn
 from .config import SFConfig
 
 
-def autocast(config: SFConfig, device: torch.device):
-    """bf16 autocast around the forwards when SFConfig.dtype = "bfloat16": matmuls run in bf16,
-    master weights, gradients, optimizer state and the loss stay fp32 (docs/scale.md#dtype)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when none is running (FSDP needs one; under torchrun, cli.py's
+    init_distributed has made the real one)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def apply_lora(model: nn.Module, config: SFConfig):
@@ -41,8 +42,11 @@ def apply_lora(model: nn.Module, config: SFConfig):
 
 
 def freeze_to_dtype(model: nn.Module, config: SFConfig) -> None:
-    """Frozen weights (a LoRA base, the full fine-tuning reference) stored in bf16 under
-    dtype = "bfloat16": they are never updated, so fp32 master copies would only cost memory."""
+    """Frozen weights (a LoRA base, the full fine-tuning reference) stored and run in bf16 under
+    dtype = "bfloat16": they are never updated, so fp32 copies would only cost memory. Trained
+    weights stay fp32: LoRA adapters (peft runs them in fp32 on an fp32 cast of their input), and
+    under FSDP the sharded master weights, whose bf16 copies only exist gathered for a forward
+    (docs/scale.md#dtype)."""
     if config.dtype != "bfloat16":
         return
     for p in model.parameters():

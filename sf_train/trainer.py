@@ -104,6 +104,8 @@ def sequence_logp(model, batch: "TrainingBatch", temperature: float, suppressed:
 class SparsityForcingTrainer:
     def __init__(self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"):
         self.config, self.task, self.device = config, task, torch.device(device)
+        if config.distributed == "fsdp":  # FSDP on one process too (bf16 compute, fp32 master weights)
+            scale.ensure_process_group(self.device)
         self.rank, self.world_size = world()
         if config.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks")
@@ -115,7 +117,7 @@ class SparsityForcingTrainer:
                 raise ValueError("with SFConfig.lora_rank > 0 the reference is the policy with its adapters disabled: "
                                  "pass reference_model=None (no second copy)")
             self.reference = None
-            scale.freeze_to_dtype(self.policy, config)
+            scale.freeze_to_dtype(self.policy, config)  # the frozen base; the adapters stay fp32
         else:
             if reference_model is None:
                 raise ValueError("full fine-tuning (SFConfig.lora_rank = 0) needs a reference_model")
@@ -128,7 +130,7 @@ class SparsityForcingTrainer:
 
         self.policy.set_attn_implementation(REPLAY_ATTENTION)
         self.trained = self.policy
-        self.sharded = self.world_size > 1 and config.distributed == "fsdp"
+        self.sharded = config.distributed == "fsdp"
         if self.sharded and self.peft_model is not None:
             # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#what-fits-where)
             raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated)")
@@ -156,13 +158,10 @@ class SparsityForcingTrainer:
         """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
         return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
 
-    def autocast(self):
-        return scale.autocast(self.config, self.device)
-
     def reference_logp(self, batch: "TrainingBatch") -> Tensor:
         """Log-probs of the completions under the frozen reference (dense attention, no grad)."""
         cfg, task = self.config, self.task
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad():
             if self.peft_model is None:
                 return sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)[0]
             self.policy.eval()
@@ -181,15 +180,14 @@ class SparsityForcingTrainer:
         enable(self.policy)
         self.policy.eval()
         try:
-            with self.autocast():
-                # Sharded: every forward is a collective, so ranks keep decoding until all are done.
-                return [
-                    rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
-                            eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
-                            temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids,
-                            synced_gpus=self.sharded)
-                    for p in self.config.p_grid
-                ]
+            # Sharded: every forward is a collective, so ranks keep decoding until all are done.
+            return [
+                rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
+                        eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
+                        temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids,
+                        synced_gpus=self.sharded and self.world_size > 1)
+                for p in self.config.p_grid
+            ]
         finally:
             self.policy.set_attn_implementation(REPLAY_ATTENTION)
             self.policy.train()
@@ -221,7 +219,7 @@ class SparsityForcingTrainer:
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
         logp_ref = self.reference_logp(batch)
         for _ in range(cfg.inner_epochs):
-            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()), self.autocast():
+            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
                 logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
             loss, stats = grpo_loss(
                 logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
@@ -230,13 +228,12 @@ class SparsityForcingTrainer:
             )
             if cfg.soft_tau_weight:  # the efficiency reward's pathwise gradient, gated like the reward
                 gate = efficiency_gate(correct, cfg.efficiency_gate).mean(1).to(self.device)
-                with self.autocast():
-                    soft_tau = self.soft_tau(inputs)
+                soft_tau = self.soft_tau(inputs)
                 loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
             self.optimizer.zero_grad(set_to_none=True)
             # Under gradient checkpointing the layers recompute their forward during backward: it
             # must replay the same selections (docs/scale.md#gradient-checkpointing).
-            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()), self.autocast():
+            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm)

@@ -189,3 +189,69 @@ def test_fsdp_two_processes_match_ddp_and_resume_exactly(tmp_path):
     with pytest.warns(UserWarning, match="RNG states of 2 ranks"):
         single.resume()
     assert single.step == 2
+
+
+# --- gradient checkpointing, bf16 -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_process_group():
+    yield
+    if dist.is_initialized():  # distributed="fsdp" on one process starts a one-rank group
+        dist.destroy_process_group()
+
+
+def trained(tmp_path, name, **over):
+    """(history, trained tensors as fp32, trainer) of 2 steps at lr 1e-2 from the same seed."""
+    from sf_train.scale import model_state
+
+    torch.manual_seed(0)
+    lora = over.get("lora_rank", 0) > 0
+    trainer = SparsityForcingTrainer(make_config(tmp_path / name, steps=2, lr=1e-2, **over), toy_model(),
+                                     None if lora else toy_model(), toy_task())
+    history = trainer.train(progress=False)
+    state = model_state(trainer.policy, trainable_only=lora)
+    return history, {k: v.float() for k, v in state.items()}, trainer
+
+
+def update_cosine(a, b, start):
+    da = torch.cat([(a[k] - start.get(k, 0)).flatten() for k in sorted(a)])
+    db = torch.cat([(b[k] - start.get(k, 0)).flatten() for k in sorted(b)])
+    return float(da @ db / (da.norm() * db.norm()))
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_changes_nothing(tmp_path, lora_rank):
+    h0, w0, _ = trained(tmp_path, "plain", lora_rank=lora_rank)
+    h1, w1, t1 = trained(tmp_path, "checkpointed", lora_rank=lora_rank, gradient_checkpointing=True)
+    assert t1.policy.is_gradient_checkpointing
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "recomputation replays the same selections"
+    assert [m["loss"] for m in h0] == [m["loss"] for m in h1]
+
+
+def test_bf16_lora_keeps_fp32_adapters_and_follows_fp32(tmp_path):
+    h32, w32, _ = trained(tmp_path, "fp32", lora_rank=4)
+    h16, w16, t16 = trained(tmp_path, "bf16", lora_rank=4, dtype="bfloat16")
+    dtypes = {k: p.dtype for k, p in t16.policy.named_parameters()}
+    assert all(d == torch.float32 for k, d in dtypes.items() if "lora_" in k)
+    assert all(d == torch.bfloat16 for k, d in dtypes.items() if "lora_" not in k)
+    assert [m["token_ratio"] for m in h16] == [m["token_ratio"] for m in h32], "the same rollouts"
+    # Adam's per-element step makes tiny gradients' signs count: compare the update's direction.
+    assert update_cosine(w16, w32, {}) > 0.95
+    assert h16[-1]["loss"] == pytest.approx(h32[-1]["loss"], abs=2e-3)
+
+
+def test_fsdp_on_one_process_equals_plain_and_bf16_keeps_fp32_masters(tmp_path, no_process_group):
+    start = {k: v.float() for k, v in toy_model().state_dict().items()}
+    h, w, _ = trained(tmp_path, "plain")
+    hf, wf, _ = trained(tmp_path, "fsdp", distributed="fsdp")
+    for k in w:
+        torch.testing.assert_close(wf[k], w[k], rtol=0, atol=1e-6)
+    h16, w16, t16 = trained(tmp_path, "fsdp_bf16", distributed="fsdp", dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in t16.policy.parameters()), "sharded master weights stay fp32"
+    assert all(p.dtype == torch.bfloat16 for p in t16.reference.parameters()), "the frozen reference is bf16"
+    assert [m["token_ratio"] for m in h16] == [m["token_ratio"] for m in h]
+    assert update_cosine(w16, w, start) > 0.6
+    assert h16[-1]["loss"] == pytest.approx(h[-1]["loss"], abs=2e-3)
+    with pytest.raises(ValueError, match="dtype='bfloat16' with full fine-tuning needs distributed='fsdp'"):
+        make_config(tmp_path, dtype="bfloat16")
