@@ -21,7 +21,7 @@ Inputs = tuple[tuple, dict]  # positional and keyword arguments of one call
 
 
 def sort_cumsum_searchsorted(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """The bare top-p count of SPEC section 7: sort each row descending, cumsum, and find where
+    """The bare top-p count of docs/design.md#targets: sort each row descending, cumsum, and find where
     the running mass reaches p * total. Returns how many tokens each row keeps (no indices)."""
     cumulative = scores.sort(dim=-1, descending=True).values.cumsum(dim=-1)
     return torch.searchsorted(cumulative, p * cumulative[:, -1:]) + 1
@@ -70,7 +70,7 @@ def topp_select_case(rows: int, length: int, p: float) -> Case:
     return Case(
         "topp_select", f"{rows}x{length},p={p}", f"[{rows}, {length}]", torch.float32,
         make_inputs, floor_bytes=rows * length * 4,
-        floor_note="one read of the scores (SPEC 7: within 2x)",
+        floor_note="one read of the scores (docs/design.md#targets: within 2x)",
         baseline=sort_cumsum_searchsorted,
     )
 
@@ -132,7 +132,7 @@ def scatter_kv_case(batch: int, capacity: int, dtype: torch.dtype) -> Case:
 
 
 def cases(device: str) -> list[Case]:
-    """CPU: contexts a 2-core machine times in seconds; CUDA: the SPEC section 7 sizes, in bf16."""
+    """CPU: contexts a 2-core machine times in seconds; CUDA: the sizes of docs/design.md#targets, in bf16."""
     on_gpu = device == "cuda"
     context = 32768 if on_gpu else 4096
     model_dtype = torch.bfloat16 if on_gpu else torch.float32

@@ -15,7 +15,7 @@ zero (pure sampling noise) gives ~1/sqrt(K); one with a real direction stays nea
 by the prompt and p before anything is sampled, so on-policy the efficiency reward's expected
 gradient is zero wherever the gate C is 1: E[A(p) grad log pi_p(o)] = A(p) E[grad log pi_p(o)] = 0.
 
-    python bench/sf_gradient_probe.py --model sf_train/checkpoints/base --batches 4 \
+    python bench/sf_gradient_probe.py --model sf_train/worlds/vqa/checkpoint --batches 4 \
         [--resamples 16] [--set lr=... temperature=...] [--out bench/results/sf_gradient_probe.json]
 """
 from __future__ import annotations
@@ -25,13 +25,14 @@ import json
 
 import torch
 
-from sf_train.cli import load_models_and_task, parse_overrides
-from sf_train.config import SFConfig
+from sf_train.batch import sequence_logp, training_batch
+from sf_train.config import SFConfig, parse_overrides
 from sf_train.loss import grpo_loss
 from sf_train.replay import replaying
-from sf_train.rewards import group_advantages, joint_rewards
+from sf_train.rewards import group_advantages, joint_rewards, score_rollouts
 from sf_train.soft_token_ratio import probe_scores, soft_token_ratio
-from sf_train.trainer import SparsityForcingTrainer, sequence_logp, training_batch
+from sf_train.trainer import SparsityForcingTrainer
+from sf_train.worlds.registry import load_models_and_task
 
 
 def flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
@@ -45,10 +46,7 @@ REWARDS = ("efficiency", "correctness", "joint")
 def reward_gradients(trainer, task, config, params, samples, inputs) -> dict:
     """One draw of the batch's rollouts: the GRPO loss gradient for each reward of REWARDS."""
     groups = trainer.rollouts(inputs)
-    texts = [task.decode(g.completions) for g in groups]
-    correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
-                             for g in range(len(groups))] for b, s in enumerate(samples)])
-    tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()
+    correct, tau = score_rollouts(task, samples, groups)
     joint = joint_rewards(correct, tau, gate=config.efficiency_gate, weight=config.efficiency_weight)
     efficiency = joint_rewards(correct, tau, gate=config.efficiency_gate) - correct.float()
     rewards = {"efficiency": efficiency, "correctness": correct.float(), "joint": joint}

@@ -1,7 +1,7 @@
 """Top-p against other KV-selection rules at a matched token ratio (the paper's Table 3 ablation,
 in miniature), all through the same TopPCache and evaluation harness (sf_train.evaluate).
 
-  python -m sf_train.baselines --model DIR [--after DIR] [--samples 32] [--out report.json]
+  python -m sf_train baselines --model DIR [--after DIR] [--samples 32] [--out report.json]
 
 Rules (TopPPolicy documents their exact semantics):
   top_p      the paper's rule, at the deploy threshold ``config.deploy_p``;
@@ -18,9 +18,7 @@ along with a small accuracy-vs-token-ratio curve per rule.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,44 +172,3 @@ def format_table(reports: dict[str, dict]) -> str:
             lines.append(f"| {report_name} | {name} | {rule['knob']}={m['knob']:.4g} | {m['accuracy']:.3f} | "
                          f"{m['token_ratio']:.3f} | {visual} |")
     return "\n".join(lines)
-
-
-def compare_checkpoints(config: SFConfig, checkpoints: dict[str, str], samples: int, *, calibration: int = 32,
-                        target_ratio: float | None = None, out: str | Path | None = None) -> dict[str, dict]:
-    """compare_rules for each named checkpoint ({"before": dir, "after": dir}); with ``out``,
-    writes the reports as JSON there and the plot beside it (.png)."""
-    from .cli import device_for_rank, load_models_and_task
-
-    reports = {}
-    for name, model_dir in checkpoints.items():
-        model, _, task = load_models_and_task(config, model_dir)
-        reports[name] = compare_rules(model.to(device_for_rank()), task, config, target_ratio, samples,
-                                      calibration=calibration)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(reports, indent=2) + "\n")
-        plot_rules(reports, Path(out).with_suffix(".png"))
-    return reports
-
-
-def main(argv=None) -> None:
-    from .cli import parse_overrides
-
-    ap = argparse.ArgumentParser(prog="python -m sf_train.baselines", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint directory ('before')")
-    ap.add_argument("--after", help="a second checkpoint, e.g. after Sparsity Forcing ('after')")
-    ap.add_argument("--samples", type=int, default=32, help="held-out samples per evaluation")
-    ap.add_argument("--calibration", type=int, default=32, help="train samples that tune the knobs")
-    ap.add_argument("--target", type=float, help="token ratio to match (default: top-p's at deploy_p)")
-    ap.add_argument("--out", help="write the reports as JSON here (and the plot beside it, .png)")
-    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override SFConfig fields")
-    args = ap.parse_args(argv)
-    config = SFConfig(**parse_overrides(args.set or []))
-    checkpoints = {name: d for name, d in (("before", args.model), ("after", args.after)) if d}
-    reports = compare_checkpoints(config, checkpoints, args.samples, calibration=args.calibration,
-                                  target_ratio=args.target, out=args.out)
-    print(format_table(reports))
-
-
-if __name__ == "__main__":
-    main()

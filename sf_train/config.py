@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from sparse_attn.policy import TopPPolicy
@@ -74,71 +74,122 @@ def check_types(config) -> None:
         setattr(config, f.name, _typed(f.name, f.type, getattr(config, f.name)))
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """key=value pairs; values are read as JSON when they parse (numbers, lists, null)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def lr_factor(step: int, *, warmup_steps: int, decay_steps: int, min_lr_ratio: float,
+              schedule: str = "cosine") -> float:
+    """The learning-rate multiplier of update ``step`` (from 0), for Sparsity Forcing
+    (SFConfig.lr_at) and the worlds' supervised training (sf_train/worlds/sft_loop.py) alike.
+
+    Linear warm-up over the first ``warmup_steps`` updates ((step + 1) / warmup_steps), then a
+    decay from 1 to ``min_lr_ratio`` over ``decay_steps`` more updates, constant after them:
+    schedule "constant" (no decay), "linear" or "cosine".
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay[schedule]
+
+
 def default_p_grid() -> tuple[float, ...]:
     """The paper's multi-budget grid: p in [0.94, 0.975], step 0.005 (group size 8)."""
     return tuple(round(0.94 + 0.005 * i, 3) for i in range(8))
 
 
+def _field(default=MISSING, help: str = "", **kwargs):
+    """A dataclass field whose help text sits next to its default (TRL's style); ``--help`` of
+    every sf-train command prints it (SFConfig.help_text)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class SFConfig:
+    """One Sparsity Forcing run; every field's meaning is its ``help`` metadata (docs/design.md#the-trainer)."""
+
     # what to train
-    model: str = "sf_train/checkpoints/base"  # checkpoint directory
-    task: str = "embedded_vqa"
-    out_dir: str = "runs/sparsity_forcing"
-    seed: int = 0
+    model: str = _field("", "checkpoint directory; empty: the embedded task's packaged base checkpoint")
+    task: str = _field("embedded_vqa", "embedded_vqa, embedded_kv, or package.module:factory, where "
+                       "factory(model_dir) -> (policy, reference, TrainingTask)")
+    out_dir: str = _field("runs/sparsity_forcing", "metrics.jsonl, checkpoint.pt, final/ and reports go here")
+    seed: int = _field(0, "torch seed at the start of training")
     # multi-budget rollouts
-    steps: int = 40
-    prompts_per_step: int = 8  # over all ranks; each prompt gets one rollout per p
-    p_grid: tuple[float, ...] = field(default_factory=default_p_grid)
-    deploy_p: float = 0.975  # the grid's upper bound, fixed at deployment
-    temperature: float = 1.0
-    max_new_tokens: int = 4
+    steps: int = _field(40, "optimizer steps (each: rollouts, rewards, inner_epochs updates)")
+    prompts_per_step: int = _field(8, "prompts per step over all ranks; each gets one rollout per p of p_grid")
+    p_grid: tuple[float, ...] = _field(help="the thresholds p of the multi-budget rollouts (one GRPO group per "
+                                            "prompt); default the paper's 0.940..0.975, step 0.005",
+                                       default_factory=default_p_grid)
+    deploy_p: float = _field(0.975, "the threshold fixed at deployment (the grid's upper bound)")
+    temperature: float = _field(1.0, "sampling temperature of the rollouts (and of the log-probs of the loss)")
+    max_new_tokens: int = _field(4, "completion length limit of rollouts and evaluation")
     # top-p cache (TopPPolicy fields other than p)
-    n_probe: int = 64
-    keep_first: int = 4
-    keep_last: int = 16
-    granularity: str = "layer"
-    prune: str = "all"
+    n_probe: int = _field(64, "TopPPolicy: probe queries, the last n_probe prompt positions")
+    keep_first: int = _field(4, "TopPPolicy: the first valid tokens always kept (attention sinks)")
+    keep_last: int = _field(16, "TopPPolicy: the last valid tokens always kept (local window)")
+    granularity: str = _field("layer", "TopPPolicy: 'layer' (one budget per layer, the paper's) or 'kv_head'")
+    prune: str = _field("all", "TopPPolicy: 'all' (every token a candidate) or 'visual' (image / video tokens only)")
     # reward and objective
-    efficiency_gate: str = "group"  # "group": the paper's C; "rollout": only correct rollouts
-    efficiency_weight: float = 1.0  # r = correct + efficiency_weight * C * (1 - tau); 1 = the paper
-    # beyond the paper: + soft_tau_weight * C * (smoothed tau over the grid) in the loss, the pathwise
-    # gradient of the efficiency reward that GRPO leaves out (sf_train/soft_token_ratio.py); 0 = off
-    soft_tau_weight: float = 0.0
-    soft_tau_temperature: float = 0.01
-    # beyond the paper: the training forward's completion attention takes a straight-through keep
-    # mask, so the loss also reaches which prompt tokens the selection keeps (sf_train/replay.py)
-    selection_gradient: bool = False
-    selection_gradient_temperature: float = 1.0
-    advantage_eps: float = 1e-4
-    beta: float = 0.04
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    normalization: str = "grpo"
-    inner_epochs: int = 1
-    lr: float = 1e-5
-    # the learning rate over the run: "constant" (after warm-up), or "cosine" / "linear" decay
-    # from lr to lr * min_lr_ratio at the last step (TRL's lr_scheduler_type)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    efficiency_gate: str = _field("group", "C of the reward: 'group' (the paper's: 1 if any rollout of the "
+                                  "group is correct) or 'rollout' (only correct rollouts)")
+    efficiency_weight: float = _field(1.0, "r = correct + efficiency_weight * C * (1 - tau); 1 is the paper's reward")
+    soft_tau_weight: float = _field(0.0, "beyond the paper: + soft_tau_weight * C * (smoothed tau over the grid) "
+                                    "in the loss, the pathwise gradient of the efficiency reward that GRPO "
+                                    "leaves out (sf_train/soft_token_ratio.py); 0 = off")
+    soft_tau_temperature: float = _field(0.01, "smoothing temperature of the soft token ratio")
+    selection_gradient: bool = _field(False, "beyond the paper: the training forward's completion attention "
+                                      "takes a straight-through keep mask, so the loss also reaches which "
+                                      "prompt tokens the selection keeps (sf_train/replay.py)")
+    selection_gradient_temperature: float = _field(1.0, "temperature of the straight-through keep mask's gradient")
+    advantage_eps: float = _field(1e-4, "advantage = (r - mean) / (std + advantage_eps) within a group")
+    beta: float = _field(0.04, "weight of the KL term to the dense reference model")
+    clip_eps: float = _field(0.2, "PPO clip range of the ratio (lower side, and upper unless clip_eps_high)")
+    clip_eps_high: float | None = _field(None, "upper clip range (DAPO's clip-higher); None: clip_eps")
+    normalization: str = _field("grpo", "loss normalisation: 'grpo' (per sequence, then over sequences), "
+                                "'dr_grpo' (sum / (N * max_new_tokens)) or 'dapo' (per token over the batch)")
+    inner_epochs: int = _field(1, "policy updates per batch of rollouts")
+    lr: float = _field(1e-5, "AdamW learning rate (peak, after warm-up)")
+    lr_schedule: str = _field("constant", "the learning rate over the run: 'constant' (after warm-up), or "
+                              "'cosine' / 'linear' decay from lr to lr * min_lr_ratio at the last step "
+                              "(TRL's lr_scheduler_type)")
+    warmup_steps: int = _field(0, "linear warm-up steps, from lr / warmup_steps to lr")
+    min_lr_ratio: float = _field(0.0, "the decay's final learning rate, as a fraction of lr")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    max_grad_norm: float = _field(1.0, "gradient norm clip")
     # bookkeeping
-    save_every: int = 10
-    eval_samples: int = 128
-    baseline_samples: int = 128  # held-out samples per point of `main`'s selection-rule comparison
-    eval_p: tuple[float, ...] = (0.975, 1.0)
+    save_every: int = _field(10, "write out_dir/checkpoint.pt every this many steps (and at the end)")
+    eval_samples: int = _field(128, "held-out samples of each evaluation")
+    baseline_samples: int = _field(128, "held-out samples per point of main's selection-rule comparison")
+    eval_p: tuple[float, ...] = _field((0.975, 1.0), "thresholds p of the evaluation (main adds deploy_p, "
+                                       "the grid's lower end and 1.0)")
     # scale (docs/scale.md): sharding, adapters, memory, your own data
-    distributed: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard per decoder layer)
-    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = peft LoRA adapters, reference = adapters disabled
-    lora_alpha: float = 16.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lora_merge: bool = True  # the final save merges the adapters into the weights (else saves the adapter)
-    gradient_checkpointing: bool = False
-    dtype: str = "float32"  # "bfloat16": frozen weights and compute in bf16, trained weights fp32 (docs/scale.md#dtype)
-    data: str = ""  # task=jsonl: the JSONL file of {"images" | "video", "question", "answer"}
-    correctness: str = "exact"  # task=jsonl: how an answer is judged (sf_train/jsonl_task.py CORRECTNESS)
+    distributed: str = _field("ddp", "under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2 fully_shard per decoder "
+                              "layer; also on one process, for dtype='bfloat16' full fine-tuning)")
+    lora_rank: int = _field(0, "0 = full fine-tuning; > 0 = peft LoRA adapters of this rank, the reference "
+                            "being the policy with its adapters disabled")
+    lora_alpha: float = _field(16.0, "LoRA scaling numerator (scale = lora_alpha / lora_rank)")
+    lora_target_modules: tuple[str, ...] = _field(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                  "module names (peft target_modules) that get adapters")
+    lora_merge: bool = _field(True, "the final save merges the adapters into the weights (false: saves the "
+                              "adapter alone, peft's format)")
+    gradient_checkpointing: bool = _field(False, "recompute each decoder layer's activations in backward")
+    dtype: str = _field("float32", "'bfloat16': frozen weights and compute in bf16, trained weights, "
+                        "optimizer and loss fp32 (docs/scale.md#dtype)")
+    data: str = _field("", "task=jsonl: the JSONL file of {\"images\": [...] | \"video\": ..., \"question\", "
+                       "\"answer\"} records (paths relative to the file)")
+    correctness: str = _field("exact", "task=jsonl: how an answer is judged: 'exact', 'numeric' or "
+                              "'choice' (multiple-choice letter)")
 
     def __post_init__(self):
         check_types(self)
@@ -198,12 +249,10 @@ class SFConfig:
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of the update that ends step ``step + 1`` (step counts from 0)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps))
-        decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
-        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay[self.lr_schedule])
+        """The learning rate of the update that ends step ``step + 1`` (step counts from 0); the
+        decay reaches lr * min_lr_ratio at the last step."""
+        return self.lr * lr_factor(step, warmup_steps=self.warmup_steps, decay_steps=self.steps - 1 - self.warmup_steps,
+                                   min_lr_ratio=self.min_lr_ratio, schedule=self.lr_schedule)
 
     def replay_gradient(self) -> SelectionGradient | None:
         """What the training forward's replay needs for selection_gradient (None when off)."""
@@ -214,6 +263,18 @@ class SFConfig:
     def policy(self, p: float) -> TopPPolicy:
         return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
                           granularity=self.granularity, reselect_every=0, prune=self.prune)
+
+    @classmethod
+    def help_text(cls) -> str:
+        """Every field with its default and help text, one paragraph each (for ``--help``)."""
+        import textwrap
+
+        lines = ["config fields (--set KEY=VALUE, or in the --config file):"]
+        for f in fields(cls):
+            default = f.default_factory() if f.default is MISSING else f.default
+            lines.append(f"  {f.name} = {json.dumps(default)}")
+            lines += textwrap.wrap(f.metadata["help"], width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        return "\n".join(lines)
 
     @staticmethod
     def file_values(path: str | Path) -> dict:

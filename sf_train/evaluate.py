@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import TrainingTask
 from .rollout import rollout
+from .tasks import TrainingTask
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
-"""Sparsity Forcing's joint reward and GRPO's group-relative advantage (SPEC section 5).
+"""Sparsity Forcing's joint reward and GRPO's group-relative advantage (docs/design.md#the-trainer).
 
 A group is the rollouts of one prompt, one per threshold p of the grid (multi-budget rollouts).
+score_rollouts reads a step's rollouts into the two inputs of the reward, correctness and token
+ratio; the trainer and bench/sf_gradient_probe.py score the same way.
 """
 from __future__ import annotations
 
@@ -50,3 +52,14 @@ def group_advantages(rewards: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor
     zero_variance = (rewards == rewards[..., :1]).all(dim=-1)
     advantages = (rewards - mean) / (std + eps)
     return torch.where(zero_variance[:, None], 0.0, advantages), zero_variance
+
+
+def score_rollouts(task, samples: list, groups: list) -> tuple[Tensor, Tensor]:
+    """(correct {0, 1} int64 [B, G], token ratio tau float [B, G] on the CPU) of the rollouts
+    ``groups`` (one Rollouts per threshold p, each over the B ``samples``), judged by the
+    TrainingTask's is_correct on the decoded completions."""
+    texts = [task.decode(g.completions) for g in groups]  # [G][B]
+    correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
+                             for g in range(len(groups))] for b, s in enumerate(samples)])
+    tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()
+    return correct, tau

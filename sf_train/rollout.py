@@ -14,12 +14,6 @@ from sparse_attn.policy import TopPPolicy
 
 from .replay import LayerSelection, recorded_selections
 
-# Model inputs whose first axis is not the batch (Qwen-VL flattens the patches of all images).
-_PATCH_INPUTS = ("pixel_values", "pixel_values_videos")
-# Per-token inputs besides input_ids / attention_mask; completion tokens are plain text (0).
-_TOKEN_TYPE_INPUTS = ("mm_token_type_ids", "token_type_ids")
-
-
 @dataclass
 class Rollouts:
     """One completion per prompt of a batch, decoded with one TopPCache threshold ``p``."""
@@ -50,34 +44,6 @@ def completion_logp(logits: Tensor, tokens: Tensor, temperature: float, suppress
     logp_all = F.log_softmax(logits, dim=-1)
     entropy = -(logp_all.exp() * torch.where(torch.isinf(logp_all), 0.0, logp_all)).sum(-1)
     return logp_all.gather(-1, tokens[..., None]).squeeze(-1), entropy
-
-
-def repeat_inputs(inputs: dict, times: int) -> dict:
-    """The batch of prompts ``times`` over (row-block order), for a batch of rollouts."""
-    out = {}
-    for name, value in inputs.items():
-        if not isinstance(value, Tensor):
-            out[name] = value
-        elif name in _PATCH_INPUTS:
-            out[name] = torch.cat([value] * times)
-        else:
-            out[name] = value.repeat(times, *[1] * (value.dim() - 1))
-    return out
-
-
-def append_completions(inputs: dict, completions: Tensor) -> dict:
-    """Inputs of the [prompt + completion] sequences (one completion row per prompt row).
-
-    As during generation, every decoded position is attended: padding after EOS is never seen
-    by an earlier token, and its own outputs are masked out of the loss.
-    """
-    full = dict(inputs)
-    full["input_ids"] = torch.cat([inputs["input_ids"], completions], dim=1)
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completions)], dim=1)
-    for name in _TOKEN_TYPE_INPUTS:
-        if name in inputs:
-            full[name] = torch.cat([inputs[name], torch.zeros_like(completions)], dim=1)
-    return full
 
 
 @torch.no_grad()

@@ -1,27 +1,19 @@
-"""Training at scale (docs/scale.md): LoRA adapters (peft), FSDP2 sharding (torch.distributed),
-gradient checkpointing and bf16 weights, and checkpoints that hold exactly the trained state.
+"""Training at scale (docs/scale.md): LoRA adapters (peft), bf16 frozen weights, and the
+trained state as full state dicts.
 
-Nothing here is a home-made distribution or adapter scheme: LoRA is peft's, sharding is
-``torch.distributed.fsdp.fully_shard`` (FSDP2) on every decoder layer and then the root, and the
-full (unsharded) state dicts are gathered with ``torch.distributed.checkpoint.state_dict``, the
-same calls for a plain, DDP or FSDP model, so one checkpoint format serves every mode.
+Nothing here is a home-made adapter or distribution scheme: LoRA is peft's; the FSDP2 sharding
+(sf_train/distributed.py) is torch.distributed's; the full (unsharded) state dicts are gathered
+with ``torch.distributed.checkpoint.state_dict``, the same calls for a plain, DDP or FSDP model,
+so one checkpoint format serves every mode.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import SFConfig
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """A one-process group when none is running (FSDP needs one; under torchrun, cli.py's
-    init_distributed has made the real one)."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def apply_lora(model: nn.Module, config: SFConfig):
@@ -52,32 +44,6 @@ def freeze_to_dtype(model: nn.Module, config: SFConfig) -> None:
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a transformers model (the text model's, for a VLM): the modules
-    transformers itself marks as _no_split_modules, less the vision tower's blocks."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names and hasattr(m, "self_attn")]
-    if not layers:
-        raise ValueError(f"SFConfig.distributed='fsdp': found no decoder layers ({sorted(names)}) in {type(model).__name__}")
-    return layers
-
-
-def shard(model: nn.Module, config: SFConfig) -> None:
-    """FSDP2: fully_shard every decoder layer, then the root (embeddings, norms, head, vision
-    tower), over all ranks. bf16 under dtype = "bfloat16" for the gathered parameters, fp32
-    for the gradient reduction and the sharded master weights."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if config.dtype == "bfloat16" else MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=precision)
-    fully_shard(model, mesh=mesh, mp_policy=precision)
 
 
 def _options(**kw):

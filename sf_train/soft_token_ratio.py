@@ -1,7 +1,7 @@
 """A differentiable token ratio: the top-p rule with its step function smoothed.
 
 Why it exists: the token ratio tau is fixed by the prompt's probe attention before anything is
-sampled (SPEC section 4 selects once, after the prefill). On-policy, GRPO's efficiency term
+sampled (docs/design.md#the-prefill: one selection, in the prefill). On-policy, GRPO's efficiency term
 therefore has zero expected gradient wherever the gate C is 1:
 E[A(p) grad log pi_p(o)] = A(p) E[grad log pi_p(o)] = 0. The gradient of the expected reward has
 a second, pathwise part - tau's own dependence on the weights - that the policy gradient leaves

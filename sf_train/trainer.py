@@ -1,4 +1,5 @@
-"""The Sparsity Forcing loop: multi-budget rollouts -> joint reward -> GRPO update (SPEC section 5).
+"""The Sparsity Forcing loop: multi-budget rollouts -> joint reward -> GRPO update
+(docs/design.md#the-trainer).
 
 One step: each prompt is decoded once per threshold p of the grid through a TopPCache (the
 deployment pipeline), each rollout is scored r = correct + C * (1 - tau), advantages are
@@ -17,23 +18,22 @@ import pickle
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
-from .datasets import TrainingTask
+from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import grpo_loss
-from .replay import REPLAY_ATTENTION, concat_selections, replaying
-from .rewards import efficiency_gate, group_advantages, joint_rewards
-from .rollout import Rollouts, append_completions, completion_logp, repeat_inputs, rollout
 from . import scale
+from .replay import REPLAY_ATTENTION, replaying
+from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
+from .rollout import Rollouts, rollout
 from .soft_token_ratio import probe_scores, soft_token_ratio
+from .tasks import TrainingTask
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -43,69 +43,11 @@ RESUMABLE_FIELDS = ("steps", "out_dir", "save_every", "eval_samples", "baseline_
                     "gradient_checkpointing")  # the checkpoint is unsharded; recomputation changes no value
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    if world()[1] == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world()[1] for k, v in zip(keys, t)}
-
-
-def pad_right(x: Tensor, length: int, value) -> Tensor:
-    return F.pad(x, (0, length - x.shape[1]), value=value)
-
-
-@dataclass
-class TrainingBatch:
-    """The rollouts of one step as one batch of [prompt + completion] sequences (p-major)."""
-
-    inputs: dict  # model inputs of the full sequences
-    completions: Tensor  # [N, T]
-    mask: Tensor  # [N, T]
-    logp_old: Tensor  # [N, T]
-    advantages: Tensor  # [N]
-    prompt_length: int
-    selections: list
-
-
-def training_batch(inputs: dict, groups: list[Rollouts], advantages: Tensor, pad_token_id: int) -> TrainingBatch:
-    """The [prompt + completion] sequences of all rollouts, p-major (row g * B + b);
-    advantages [B, G]."""
-    G, P = len(groups), inputs["input_ids"].shape[1]
-    T = max(g.completions.shape[1] for g in groups)
-    completions = torch.cat([pad_right(g.completions, T, pad_token_id) for g in groups])
-    return TrainingBatch(
-        inputs=append_completions(repeat_inputs(inputs, G), completions),
-        completions=completions,
-        mask=torch.cat([pad_right(g.mask, T, 0.0) for g in groups]),
-        logp_old=torch.cat([pad_right(g.logp, T, 0.0) for g in groups]),
-        advantages=advantages.t().reshape(-1).to(completions.device),
-        prompt_length=P,
-        selections=concat_selections([g.selections for g in groups]),
-    )
-
-
-def sequence_logp(model, batch: "TrainingBatch", temperature: float, suppressed: tuple[int, ...]):
-    """(log-probs [N, T] of the completion tokens, entropy [N, T]) from one forward of the
-    [prompt + completion] sequences: the logits at position i predict token i + 1."""
-    logits = model(**batch.inputs).logits
-    P, T = batch.prompt_length, batch.completions.shape[1]
-    return completion_logp(logits[:, P - 1 : P - 1 + T], batch.completions, temperature, suppressed)
-
-
 class SparsityForcingTrainer:
     def __init__(self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"):
         self.config, self.task, self.device = config, task, torch.device(device)
         if config.distributed == "fsdp":  # FSDP on one process too (bf16 compute, fp32 master weights)
-            scale.ensure_process_group(self.device)
+            ensure_process_group(self.device)
         self.rank, self.world_size = world()
         if config.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks")
@@ -135,9 +77,9 @@ class SparsityForcingTrainer:
             # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#what-fits-where)
             raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated)")
         if self.sharded:
-            scale.shard(self.policy, config)
+            shard(self.policy, bf16=config.dtype == "bfloat16")
             if self.reference is not None:
-                scale.shard(self.reference, config)
+                shard(self.reference, bf16=config.dtype == "bfloat16")
         elif self.world_size > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = torch.optim.AdamW(
@@ -158,7 +100,7 @@ class SparsityForcingTrainer:
         """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
         return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
 
-    def reference_logp(self, batch: "TrainingBatch") -> Tensor:
+    def reference_logp(self, batch: TrainingBatch) -> Tensor:
         """Log-probs of the completions under the frozen reference (dense attention, no grad)."""
         cfg, task = self.config, self.task
         with torch.no_grad():
@@ -209,10 +151,7 @@ class SparsityForcingTrainer:
         groups = self.rollouts(inputs)
         rollout_seconds = time.perf_counter() - started
 
-        texts = [task.decode(g.completions) for g in groups]  # [G][B]
-        correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
-                                 for g in range(len(groups))] for b, s in enumerate(samples)])  # [B, G]
-        tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()  # [B, G]
+        correct, tau = score_rollouts(task, samples, groups)  # [B, G] each
         rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate, weight=cfg.efficiency_weight)
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
@@ -443,8 +382,4 @@ def set_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG states (rank order): each rank's rollouts sample from its own stream."""
-    if world()[1] == 1:
-        return [rng_state()]
-    states = [None] * world()[1]
-    dist.all_gather_object(states, rng_state())
-    return states
+    return all_gather_objects(rng_state())

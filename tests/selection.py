@@ -1,7 +1,7 @@
 """Comparison of a top-p selection with the reference that tolerates only float-rounding ties.
 
 Implementations that sum in different orders may disagree on a token whose inclusion moves the
-kept mass by less than the float rounding of the target (issue 2). Everything else must match.
+kept mass by less than the float rounding of the target (docs/design.md#topp_select). Everything else must match.
 """
 import torch
 

@@ -124,7 +124,7 @@ def generate(model, inputs, cache=None, seed=None, **kwargs):
 
 
 def score_rows(scores: torch.Tensor, granularity: str) -> torch.Tensor:
-    """[B, Hkv, L] scores -> the rows one budget is chosen from (SPEC section 2)."""
+    """[B, Hkv, L] scores -> the rows one budget is chosen from (docs/design.md#top-p-selection)."""
     return scores.sum(1) if granularity == "layer" else scores.flatten(0, 1)
 
 

@@ -8,7 +8,7 @@ import sparse_attn.attention  # noqa: F401  (registers sparse_topp)
 from sf_train.config import default_p_grid
 from sf_train.replay import REPLAY_ATTENTION, replaying
 from sf_train.rollout import rollout
-from sf_train.trainer import sequence_logp, training_batch
+from sf_train.batch import sequence_logp, training_batch
 from sparse_attn.attention import enable
 from sparse_attn.policy import TopPPolicy
 

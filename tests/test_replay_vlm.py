@@ -8,8 +8,8 @@ from test_replay import assert_replay_matches_rollouts
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
 @pytest.mark.parametrize("prune", ["all", "visual"])
 def test_replay_on_the_tiny_vlm(granularity, prune):
-    from sf_train import tiny_vlm
-    from sf_train.datasets import embedded_vqa
+    from sf_train.worlds.vqa import model as tiny_vlm
+    from sf_train.worlds.vqa.world import embedded_vqa
 
     config = tiny_vlm.TinyVLMConfig()
     processor = tiny_vlm.build_processor(config)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from sf_train.trainer import SparsityForcingTrainer, training_batch
 from test_replay import assert_replay_matches_rollouts, left_padded_prompts
 from test_trainer import make_config
 from toy_task import EOS, PAD, toy_model, toy_task
+
+from sf_train.batch import training_batch
+from sf_train.trainer import SparsityForcingTrainer
 
 pytest.importorskip("peft")
 
@@ -52,7 +53,7 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_free_policy(
     # the reference: unchanged by training, and equal to the base model without adapters
     torch.testing.assert_close(trainer.reference_logp(batch), ref_before, rtol=0, atol=0)
     plain = toy_model()
-    from sf_train.trainer import sequence_logp
+    from sf_train.batch import sequence_logp
 
     with torch.no_grad():
         base_logp, _ = sequence_logp(plain, batch, 1.0, ())
@@ -99,7 +100,7 @@ def test_lora_resume_is_exact_and_checkpoint_holds_adapters_only(tmp_path):
 def test_lora_final_save_merges_or_saves_the_adapter(tmp_path):
     from transformers import Qwen2ForCausalLM
 
-    from sf_train.cli import save_final
+    from sf_train.experiments import save_final
 
     torch.manual_seed(0)
     base_dir = tmp_path / "base"

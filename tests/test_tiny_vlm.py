@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sf_train import task
-from sf_train.tiny_vlm import (
+from sf_train.worlds import common
+from sf_train.worlds.vqa import scene
+from sf_train.worlds.vqa.model import (
     IMAGE_PAD,
     VISION_END,
     VISION_START,
@@ -18,7 +19,7 @@ from sf_train.tiny_vlm import (
     save_checkpoint,
 )
 
-BASE_CHECKPOINT = Path(__file__).resolve().parents[1] / "sf_train" / "checkpoints" / "base"
+BASE_CHECKPOINT = Path(__file__).resolve().parents[1] / "sf_train" / "worlds" / "vqa" / "checkpoint"
 HELDOUT_SLICE = 256  # 91.0% on these; 64 samples are too few for a 90% bar (89.1%)
 
 
@@ -29,7 +30,7 @@ def processor():
 
 def test_processor_output_shapes_and_left_padding(processor):
     config = TinyVLMConfig()
-    samples = task.make_samples("heldout", 0, 3)  # questions of different lengths
+    samples = scene.make_samples("heldout", 0, 3)  # questions of different lengths
     batch = encode_prompts(processor, samples)
     patches_per_image = (config.image_size // config.patch_size) ** 2
     patch_dim = 3 * config.temporal_patch_size * config.patch_size ** 2
@@ -56,7 +57,7 @@ def test_processor_output_shapes_and_left_padding(processor):
 
 def test_tokenizer_knows_every_task_word_and_answers_are_single_tokens(processor):
     tokenizer = processor.tokenizer
-    for s in task.make_samples("train", 0, 40):
+    for s in scene.make_samples("train", 0, 40):
         assert tokenizer.unk_token_id not in tokenizer(s.question.text).input_ids
         assert len(tokenizer(s.answer).input_ids) == 1
     assert tokenizer.unk_token_id in tokenizer("Is there").input_ids  # case-sensitive: the task is lower case
@@ -68,7 +69,7 @@ def test_save_and_load_round_trip(tmp_path, processor):
     save_checkpoint(tmp_path, model, processor, config)
     loaded, loaded_processor, loaded_config = load_checkpoint(tmp_path)
     assert loaded_config == config
-    samples = task.make_samples("heldout", 0, 2)
+    samples = scene.make_samples("heldout", 0, 2)
     batch, loaded_batch = encode_prompts(processor, samples), encode_prompts(loaded_processor, samples)
     for key in batch:
         assert torch.equal(batch[key], loaded_batch[key])
@@ -81,16 +82,16 @@ def shipped_accuracy():
     """Dense greedy accuracy of the shipped base checkpoint on a fixed held-out slice."""
     torch.set_num_threads(2)
     model, processor, config = load_checkpoint(BASE_CHECKPOINT)
-    samples = task.make_samples("heldout", 0, HELDOUT_SLICE)
+    samples = scene.make_samples("heldout", 0, HELDOUT_SLICE)
     completions = []
     for start in range(0, HELDOUT_SLICE, 32):
         completions += generate_answer(model, processor, samples[start:start + 32])
-    hits = [task.is_correct(s.question.text, c, s.answer) for s, c in zip(samples, completions)]
+    hits = [common.is_correct(s.question.text, c, s.answer) for s, c in zip(samples, completions)]
     return sum(hits) / HELDOUT_SLICE
 
 
 def test_shipped_checkpoint_is_small_and_reaches_90_percent(shipped_accuracy):
-    """The shipped base model (issue 5): a few MB, and dense greedy accuracy >= 90% on a fixed
-    held-out slice (91.4% on 1024 held-out samples, sf_train/checkpoints/base/polish_run.json)."""
+    """The shipped base model (docs/design.md#the-worlds): a few MB, and dense greedy accuracy >= 90% on a fixed
+    held-out slice (91.4% on 1024 held-out samples, sf_train/worlds/vqa/checkpoint/polish_run.json)."""
     assert (BASE_CHECKPOINT / "model.safetensors").stat().st_size < 8 * 2**20
     assert shipped_accuracy >= 0.9

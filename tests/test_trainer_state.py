@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-
-from sf_train import trainer as trainer_module
-from sf_train.cli import load_config, main
-from sf_train.config import SFConfig
-from sf_train.trainer import CHECKPOINT_FILE, METRICS_FILE, SparsityForcingTrainer
 from test_trainer import make_config
 from toy_task import toy_model, toy_task
+
+from sf_train import trainer as trainer_module
+from sf_train.cli import main
+from sf_train.config import SFConfig
+from sf_train.experiments import load_config
+from sf_train.trainer import CHECKPOINT_FILE, METRICS_FILE, SparsityForcingTrainer
 
 
 def run(config, resume=False, **kw):

@@ -1,7 +1,7 @@
 """A tiny text task and model for trainer tests: repeat the prompt's first token."""
 import torch
 
-from sf_train.datasets import TrainingTask
+from sf_train.tasks import TrainingTask
 
 EOS, PAD, VOCAB = 1, 0, 32
 

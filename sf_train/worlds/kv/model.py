@@ -1,10 +1,10 @@
 """A tiny Qwen2 language model built by our code, with a word-level tokenizer, for the text-only
-key-value retrieval task (sf_train.kv_task).
+key-value retrieval world (sf_train/worlds/kv/retrieval.py).
 
 The model is transformers' own Qwen2ForCausalLM (RoPE, grouped-query attention) at a small
 config, so everything sparse_attn and sf_train do to it they do to the real architecture. The
 checkpoint directory holds the weights (safetensors), the tokenizer and our config (tiny_lm.json),
-as sf_train.tiny_vlm's does for the VLM.
+as the VQA world's model (sf_train/worlds/vqa/model.py) does for the VLM.
 """
 import json
 from dataclasses import asdict, dataclass
@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchEncoding, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from . import kv_task
-from .tiny_vlm import EOS, PAD, UNK
+from ..common import EOS, PAD, UNK
+from . import retrieval
 
 SPECIAL_TOKENS = (PAD, EOS, UNK)
 TINY_CONFIG_FILE = "tiny_lm.json"
@@ -35,7 +35,7 @@ class TinyLMConfig:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the task's words plus PAD / EOS / UNK; left padding, so the
     prompts of a batch all end where generation starts."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *kv_task.vocabulary()])}
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *retrieval.vocabulary()])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # "k4?" -> "k4", "?"
     return PreTrainedTokenizerFast(
@@ -90,13 +90,13 @@ def load_checkpoint(directory, attn_implementation: str = "sdpa", dtype=torch.fl
 
 
 def encode_prompts(tokenizer, samples) -> BatchEncoding:
-    """Left-padded prompts for a batch of kv_task samples."""
+    """Left-padded prompts for a batch of retrieval samples."""
     return tokenizer([s.prompt for s in samples], padding=True, return_tensors="pt")
 
 
 @torch.no_grad()
 def generate_answer(model, tokenizer, samples, max_new_tokens: int = 4) -> list[str]:
-    """Greedy completions (decoded text, special tokens removed) for a batch of kv_task samples."""
+    """Greedy completions (decoded text, special tokens removed) for a batch of retrieval samples."""
     batch = encode_prompts(tokenizer, samples).to(model.device)
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

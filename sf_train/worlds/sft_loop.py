@@ -1,5 +1,5 @@
-"""The supervised training loop of the embedded base models (sf_train.sft: the tiny Qwen2.5-VL;
-sf_train.kv_sft: the tiny Qwen2), and the report written next to each checkpoint.
+"""The supervised training loop of the embedded base models (sf_train.worlds.vqa.sft: the tiny
+Qwen2.5-VL; sf_train.worlds.kv.sft: the tiny Qwen2), and the report written next to each checkpoint.
 
 AdamW with linear warm-up and cosine decay over a fixed number of steps; every step draws fresh
 train samples (the worlds are infinite: no epoch, no overfitting to a fixed set). A curriculum of
@@ -11,23 +11,15 @@ a run early on a slower machine, and the report says so.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..config import lr_factor
+
 TRAIN_INDEX_STRIDE = 100_000_000  # run seed k trains on train-split indices [k * stride, ...)
-
-
-def lr_factor(step: int, config) -> float:
-    """Linear warm-up over config.warmup_steps, then cosine decay to config.min_lr_ratio."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 def cpu_pressure() -> str | None:
@@ -68,7 +60,11 @@ class CurriculumRun:
 
 def train_curriculum(model, optimizer, config, curriculum: Curriculum, seed: int, minutes: float) -> CurriculumRun:
     """Run config.steps optimizer steps (fewer if ``minutes`` run out) through the curriculum."""
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    # cosine decay to min_lr_ratio at step config.steps (one past the last: the last update keeps
+    # a little more than the minimum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, warmup_steps=config.warmup_steps, decay_steps=config.steps - config.warmup_steps,
+        min_lr_ratio=config.min_lr_ratio, schedule="cosine"))
     run = CurriculumRun(cpu_pressure_at_start=cpu_pressure(), started=time.time())
     deadline = run.started + 60 * minutes
     running_loss, hits, count = 0.0, 0, 0

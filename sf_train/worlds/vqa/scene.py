@@ -12,16 +12,17 @@ Question types (balanced: sample ``index`` has type ``QUESTION_TYPES[index % 4]`
 - ``exists``           "is there a blue square ?"         yes / no; both the colour and the shape
                        appear on other objects, so neither word alone gives the answer
 
-Every answer is one word. It is also the first generated token, which comes from the dense
-prefill (SPEC section 4), so on this task pruning the cache cannot change an answer: see
+Every answer is one word. It is also the first generated token: under the dense prefill
+(docs/design.md#the-prefill) it never sees the pruned cache, so there pruning cannot change an
+answer: see
 bench/sparsity_forcing_experiments.md. Samples are pure functions of (split, index): the train split uses
 seeds [0, 1e9), the held-out split seeds [1e9, 2e9), so the two never share a scene.
 """
-import re
-import string
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..common import SPLIT_SEED_OFFSET, SPLIT_SIZE
 
 GRID = 14
 CELL = 16
@@ -50,8 +51,6 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
            "diamond": "diamonds", "cross": "crosses"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("shape_of_colour", "colour_of_shape", "count_shape", "exists")
-SPLIT_SEED_OFFSET = {"train": 0, "heldout": 1_000_000_000}
-SPLIT_SIZE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def make_sample(split: str, index: int, grid: int = GRID, max_objects: int = MAX
 
     The task is the GRID x GRID board with MIN_OBJECTS..MAX_OBJECTS objects. Smaller boards and
     fewer objects (never fewer than the question needs; at most grid^2 / 2) exist only for the
-    curriculum of sf_train.sft: with few objects among few visual tokens the model learns what
+    curriculum of sf_train.worlds.vqa.sft: with few objects among few visual tokens the model learns what
     shapes and colours look like and where to look much sooner; Qwen-VL takes any image size.
     """
     if not MIN_GRID <= grid <= GRID:
@@ -253,25 +252,3 @@ def vocabulary() -> list[str]:
             words += q.text.split()
     words += list(SHAPES) + list(COLOURS) + list(NUMBER_WORDS) + ["yes", "no"]
     return list(dict.fromkeys(words))
-
-
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalise(text: str) -> list[str]:
-    """Lower-cased words with punctuation removed: "Red." -> ["red"]."""
-    return _PUNCTUATION.sub(" ", text.lower()).split()
-
-
-def is_correct(prompt: str, completion: str, answer: str) -> int:
-    """1 if the completion's first words are exactly the answer's words, else 0.
-
-    Case, surrounding whitespace and punctuation are ignored ("Red." and " red " are right for
-    "red"); words must match whole ("reddish" is wrong) and words after the answer are ignored
-    ("red blue" counts as "red"), so a model that answers and then rambles without an
-    end-of-sequence token is judged on its answer. `prompt` is unused: it is part of the
-    signature every reward function of sf_train shares.
-    """
-    del prompt
-    words, expected = normalise(completion), normalise(answer)
-    return int(bool(expected) and words[:len(expected)] == expected)

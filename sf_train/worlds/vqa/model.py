@@ -3,7 +3,7 @@
 The model is transformers' own Qwen2_5_VLForConditionalGeneration (vision tower with window
 attention, patch merger, mRoPE language model) at a small config, so everything sparse_attn and
 sf_train do to it they do to the real architecture. The vision tower uses 8-pixel patches so a
-224x224 image of the synthetic task (sf_train.task) becomes 28x28 patches and, after the 2x2
+224x224 image of the synthetic world (sf_train/worlds/vqa/scene.py) becomes 28x28 patches and, after the 2x2
 merge, 14x14 = 196 visual tokens: one per board cell.
 
 The processor is a minimal equivalent of transformers' Qwen2_5_VLProcessor for images and text:
@@ -26,9 +26,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from . import task
+from ..common import EOS, PAD, UNK
+from . import scene
 
-PAD, EOS, UNK = "<|endoftext|>", "<|im_end|>", "<unk>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = (PAD, EOS, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK)
 TINY_CONFIG_FILE = "tiny_vlm.json"
@@ -52,7 +52,7 @@ class TinyVLMConfig:
     temporal_patch_size: int = 2
     # Window attention over 7x7 merged tokens (112 px); the last block attends over the image.
     window_size: int = 112
-    image_size: int = task.IMAGE_SIZE
+    image_size: int = scene.IMAGE_SIZE
 
     @property
     def visual_tokens_per_image(self) -> int:
@@ -64,7 +64,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
     Left padding, so the prompts of a batch all end where generation starts.
     """
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *task.vocabulary()])}
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *scene.vocabulary()])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # "object?" -> "object", "?"
     return PreTrainedTokenizerFast(

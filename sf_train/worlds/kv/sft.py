@@ -1,8 +1,8 @@
 """Supervised training of the tiny Qwen2 on the key-value retrieval task, from scratch.
 
-    python -m sf_train.kv_sft --out sf_train/checkpoints/kv_base [--minutes 15] [--seed 0]
+    python -m sf_train.worlds.kv.sft --out sf_train/worlds/kv/checkpoint [--minutes 15] [--seed 0]
 
-Dense attention (SDPA), the loop of sf_train.sft_loop (AdamW, warm-up and cosine decay, fresh
+Dense attention (SDPA), the loop of sf_train/worlds/sft_loop.py (AdamW, warm-up and cosine decay, fresh
 prompts every step, a curriculum). At the end, greedy held-out accuracy on the task
 (MIN_PAIRS..MAX_PAIRS pairs) is measured and written next to the checkpoint (training_run.json).
 
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import kv_task
-from .sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
-from .tiny_lm import TinyLMConfig, build_model, build_tokenizer, generate_answer, save_checkpoint
+from ..common import SPLIT_SEED_OFFSET, is_correct
+from ..sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
+from . import retrieval
+from .model import TinyLMConfig, build_model, build_tokenizer, generate_answer, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ class KVSFTConfig:
     curriculum: tuple[Stage, ...] = (
         Stage("recall", 8, 8, 16, max_steps=400),
         Stage("query", 8, 8, 16, queries=8, max_steps=300),
-        Stage("query", 8, 16, kv_task.NUM_KEYS, queries=8, max_steps=400),
-        Stage("query", 16, 32, kv_task.NUM_KEYS, queries=8, max_steps=300),
-        Stage("query", 32, 64, kv_task.NUM_KEYS, queries=8, max_steps=300),
-        Stage("query", 64, 96, kv_task.NUM_KEYS, queries=4, max_steps=300),
-        Stage("query", kv_task.MIN_PAIRS, kv_task.MAX_PAIRS, kv_task.NUM_KEYS, queries=4),
+        Stage("query", 8, 16, retrieval.NUM_KEYS, queries=8, max_steps=400),
+        Stage("query", 16, 32, retrieval.NUM_KEYS, queries=8, max_steps=300),
+        Stage("query", 32, 64, retrieval.NUM_KEYS, queries=8, max_steps=300),
+        Stage("query", 64, 96, retrieval.NUM_KEYS, queries=4, max_steps=300),
+        Stage("query", retrieval.MIN_PAIRS, retrieval.MAX_PAIRS, retrieval.NUM_KEYS, queries=4),
     )
     advance_at: float = 0.98
 
@@ -78,10 +79,10 @@ def _pair_words(pairs) -> list[str]:
     return [w for pair in pairs for w in pair]
 
 
-def row_tokens(sample: kv_task.Sample, stage: Stage, eos: str) -> tuple[list[str], list[bool], list[bool]]:
+def row_tokens(sample: retrieval.Sample, stage: Stage, eos: str) -> tuple[list[str], list[bool], list[bool]]:
     """(tokens, loss mask, value mask) of one training row; the masks flag the tokens predicted
     (the loss) and among them the value words (the teacher-forced accuracy)."""
-    rng = np.random.default_rng([kv_task.SPLIT_SEED_OFFSET[sample.split] + sample.index, 1])
+    rng = np.random.default_rng([SPLIT_SEED_OFFSET[sample.split] + sample.index, 1])
     tokens = _pair_words(sample.pairs)
     supervised = [False] * len(tokens)
     values = [False] * len(tokens)
@@ -95,10 +96,10 @@ def row_tokens(sample: kv_task.Sample, stage: Stage, eos: str) -> tuple[list[str
         others = [p for p in sample.pairs if p[0] != sample.query]
         extra = [others[i] for i in rng.permutation(len(others))[:stage.queries - 1]]
         for key, value in [(sample.query, sample.value), *extra]:
-            completion = kv_task.completion_text(value).split() + [eos]
-            tokens += kv_task.question_text(key).split() + completion
-            supervised += [False] * len(kv_task.QUESTION) + [False] + [True] * len(completion)
-            values += [False] * (len(kv_task.QUESTION) + 1) + [w == value for w in completion]
+            completion = retrieval.completion_text(value).split() + [eos]
+            tokens += retrieval.question_text(key).split() + completion
+            supervised += [False] * len(retrieval.QUESTION) + [False] + [True] * len(completion)
+            values += [False] * (len(retrieval.QUESTION) + 1) + [w == value for w in completion]
     else:
         raise ValueError(f"unknown stage kind {stage.kind!r}")
     return tokens, supervised, values
@@ -136,13 +137,13 @@ def batch_loss(model, batch):
 
 
 def heldout_accuracy(model, tokenizer, count: int, batch_size: int = 64) -> float:
-    """Greedy exact-match accuracy (task.is_correct) on held-out task samples [0, count)."""
+    """Greedy exact-match accuracy (common.is_correct) on held-out task samples [0, count)."""
     model.eval()
     hits = 0
     for start in range(0, count, batch_size):
-        samples = kv_task.make_samples("heldout", start, min(batch_size, count - start))
+        samples = retrieval.make_samples("heldout", start, min(batch_size, count - start))
         completions = generate_answer(model, tokenizer, samples)
-        hits += sum(kv_task.is_correct(s.prompt, c, s.answer) for s, c in zip(samples, completions))
+        hits += sum(is_correct(s.prompt, c, s.answer) for s, c in zip(samples, completions))
     model.train()
     return hits / count
 
@@ -161,7 +162,7 @@ def train(out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, 
     print(f"tiny Qwen2: {n_params:,} parameters, vocabulary {len(tokenizer)}")
 
     def batch(first_index, stage):
-        samples = kv_task.make_samples("train", first_index, config.batch_size,
+        samples = retrieval.make_samples("train", first_index, config.batch_size,
                                        stage.min_pairs, stage.max_pairs, stage.num_keys)
         return training_batch(tokenizer, samples, stage)
 

@@ -17,11 +17,11 @@ Values follow their keys directly and the prompt ends with the asked key, so a t
 answers with one previous-token head (at the lead word it reads the asked key; at each value it
 reads that value's key) and one matching head that copies the value whose key is the asked one,
 reading the listing through the cache at the decode step. Separators between pairs
-("k17 = v103 ;") made that circuit far slower to learn for the tiny model (sf_train.kv_sft).
+("k17 = v103 ;") made that circuit far slower to learn for the tiny model (sf_train.worlds.kv.sft).
 
-Correctness is sf_train.task.is_correct against ``Sample.answer`` = "answer <value>": exact match
+Correctness is sf_train.worlds.common.is_correct against ``Sample.answer`` = "answer <value>": exact match
 of both words, case and punctuation ignored, anything after them ignored. Samples are pure
-functions of (split, index), like sf_train.task's: the train split uses seeds [0, 1e9), the
+functions of (split, index), like the VQA world's: the train split uses seeds [0, 1e9), the
 held-out split seeds [1e9, 2e9), so the two never share a prompt.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .task import SPLIT_SEED_OFFSET, SPLIT_SIZE, is_correct  # noqa: F401  (is_correct: the shared judge)
+from ..common import SPLIT_SEED_OFFSET, SPLIT_SIZE
 
 NUM_KEYS = 160
 NUM_VALUES = 128
@@ -63,7 +63,7 @@ class Sample:
 
     @property
     def answer(self) -> str:
-        """The expected completion, "answer <value>" (what task.is_correct compares against)."""
+        """The expected completion, "answer <value>" (what common.is_correct compares against)."""
         return completion_text(self.value)
 
 
@@ -84,7 +84,7 @@ def make_sample(split: str, index: int, min_pairs: int = MIN_PAIRS, max_pairs: i
     """Sample `index` of `split`: the same pairs, query and answer on every machine.
 
     The task has MIN_PAIRS..MAX_PAIRS pairs with keys from all NUM_KEYS; fewer pairs, or keys from
-    only the first `num_keys`, exist only for the curriculum of sf_train.kv_sft, which starts on
+    only the first `num_keys`, exist only for the curriculum of sf_train.worlds.kv.sft, which starts on
     short lists over few keys.
     """
     if split not in SPLIT_SEED_OFFSET:

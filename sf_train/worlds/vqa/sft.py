@@ -1,10 +1,10 @@
 """Supervised training of the tiny Qwen2.5-VL on the synthetic task, from scratch.
 
-    python -m sf_train.sft --out sf_train/checkpoints/base [--minutes 15] [--seed 0]
-    python -m sf_train.sft --polish sf_train/checkpoints/base --out sf_train/checkpoints/base --threads 1
+    python -m sf_train.worlds.vqa.sft --out sf_train/worlds/vqa/checkpoint [--minutes 15] [--seed 0]
+    python -m sf_train.worlds.vqa.sft --polish sf_train/worlds/vqa/checkpoint --out sf_train/worlds/vqa/checkpoint --threads 1
 
 Dense attention (SDPA), loss on the answer token and the end-of-sequence token only, the loop of
-sf_train.sft_loop (AdamW, warm-up and cosine decay, fresh samples every step, a curriculum; the
+sf_train/worlds/sft_loop.py (AdamW, warm-up and cosine decay, fresh samples every step, a curriculum; the
 vision tower at a higher learning rate). Each image is asked several questions, one row each, so
 the same pixels must give different answers. The curriculum grows the object count on small
 boards, then the board to the task's 14x14 (see SFTConfig). At the end, greedy held-out accuracy
@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import task
-from .sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
-from .tiny_vlm import (
+from ..common import is_correct
+from ..sft_loop import Curriculum, add_run_arguments, save_run, train_curriculum
+from . import scene
+from .model import (
     TinyVLMConfig,
     build_model,
     build_processor,
@@ -55,13 +56,13 @@ class SFTConfig:
     # few objects on a small board the vision tower learns shapes and colours first; the object
     # count then grows on small boards before the board grows to the task's full size.
     curriculum: tuple[tuple[int, int], ...] = (
-        (2, 1), (3, 2), (3, 3), (4, 4), (4, 6), (5, 8), (7, 10), (10, task.MAX_OBJECTS), (task.GRID, task.MAX_OBJECTS))
+        (2, 1), (3, 2), (3, 3), (4, 4), (4, 6), (5, 8), (7, 10), (10, scene.MAX_OBJECTS), (scene.GRID, scene.MAX_OBJECTS))
     advance_at: float = 0.9
     max_stage_steps: int = 250
 
 
 POLISH_CONFIG = SFTConfig(steps=300, lr=2e-4, warmup_steps=10, min_lr_ratio=0.1,
-                          curriculum=((task.GRID, task.MAX_OBJECTS),))
+                          curriculum=((scene.GRID, scene.MAX_OBJECTS),))
 POLISH_SEED = 7  # train-split indices [7e8, ...): images the curriculum run (seed 0) never saw
 
 
@@ -71,7 +72,7 @@ def training_batch(processor, samples, questions_per_image: int = 1):
     eos = processor.tokenizer.eos_token
     texts, images = [], []
     for s in samples:
-        for question, answer in task.training_questions(s, questions_per_image):
+        for question, answer in scene.training_questions(s, questions_per_image):
             texts.append(f"{prompt_text(question.text)} {answer}{eos}")
             images.append(s.image)
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
@@ -98,9 +99,9 @@ def heldout_accuracy(model, processor, count: int, batch_size: int = 64) -> dict
     model.eval()
     correct = defaultdict(list)
     for start in range(0, count, batch_size):
-        samples = task.make_samples("heldout", start, min(batch_size, count - start))
+        samples = scene.make_samples("heldout", start, min(batch_size, count - start))
         for s, completion in zip(samples, generate_answer(model, processor, samples)):
-            correct[s.question.kind].append(task.is_correct(s.question.text, completion, s.answer))
+            correct[s.question.kind].append(is_correct(s.question.text, completion, s.answer))
     model.train()
     result = {kind: sum(v) / len(v) for kind, v in sorted(correct.items())}
     result["overall"] = sum(map(sum, correct.values())) / count
@@ -124,7 +125,7 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
 
     def batch(first_index, stage):
         grid, max_objects = stage
-        samples = task.make_samples("train", first_index, config.images_per_step, grid, max_objects)
+        samples = scene.make_samples("train", first_index, config.images_per_step, grid, max_objects)
         return training_batch(processor, samples, config.questions_per_image)
 
     def loss(model, batch):
