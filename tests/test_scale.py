@@ -140,11 +140,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _row_sampler(probs, num_samples=1, **_):
+    """torch.multinomial with the draw a function of each row's distribution alone: a prompt's
+    rollouts are then the same whichever rank and batch it is in (only for tests; the draw is not
+    uniform, which no test here needs)."""
+    probs = probs.double()
+    u = ((probs * torch.arange(probs.shape[-1], dtype=torch.float64)).sum(-1) / 3.0) % 1.0
+    cdf = probs.cumsum(-1)
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+
+
 def _fsdp_worker(rank, world_size, port, runs, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    sample = torch.multinomial
     try:
-        for name, over, resume in runs:
+        for name, over, resume, by_row in runs:
+            torch.multinomial = _row_sampler if by_row else sample  # this spawned process only
             torch.manual_seed(rank)
             trainer = SparsityForcingTrainer(make_config(**over), toy_model(), toy_model(), toy_task())
             if resume:
@@ -164,15 +176,17 @@ def spawn(runs, world_size=2):
     return dict(results)
 
 
-def test_fsdp_two_processes_match_ddp_and_resume_exactly(tmp_path):
+def test_fsdp_two_processes_match_ddp_and_one_process_and_resume_exactly(tmp_path):
     base = dict(tmp_path=tmp_path, steps=2, lr=1e-2)
     runs = [
-        ("ddp", dict(base, tmp_path=tmp_path / "ddp"), False),
-        ("fsdp", dict(base, tmp_path=tmp_path / "fsdp", distributed="fsdp"), False),
-        ("first", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp", steps=1), False),
-        ("resumed", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp"), True),
+        ("ddp", dict(base, tmp_path=tmp_path / "ddp"), False, False),
+        ("fsdp", dict(base, tmp_path=tmp_path / "fsdp", distributed="fsdp"), False, False),
+        ("first", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp", steps=1), False, False),
+        ("resumed", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp"), True, False),
+        ("fsdp_by_row", dict(base, tmp_path=tmp_path / "fsdp_by_row", distributed="fsdp"), False, True),
     ]
     results = spawn(runs)
+    results.update(spawn([("one_by_row", dict(base, tmp_path=tmp_path / "one_by_row"), False, True)], world_size=1))
     (h_ddp, w_ddp), (h_fsdp, w_fsdp) = results[("ddp", 0)], results[("fsdp", 0)]
     assert w_fsdp and set(w_fsdp) == set(w_ddp)
     for k in w_ddp:  # same rollouts (per-rank RNG streams), the same update up to reduction order
@@ -185,6 +199,14 @@ def test_fsdp_two_processes_match_ddp_and_resume_exactly(tmp_path):
     assert [m["step"] for m in h_resumed] == [2]
     assert all(torch.equal(w_resumed[k], w_fsdp[k]) for k in w_fsdp)
     assert h_resumed[-1]["loss"] == h_fsdp[-1]["loss"]
+    # against one process with the same global batch (4 prompts; 2 a rank): with rollouts that
+    # depend on the prompt alone, the sharded 2-rank update is the 1-process update
+    (h_two, w_two), (h_one, w_one) = results[("fsdp_by_row", 0)], results[("one_by_row", 0)]
+    assert [m["token_ratio"] for m in h_two] == pytest.approx([m["token_ratio"] for m in h_one], abs=1e-6)
+    for k in w_one:
+        torch.testing.assert_close(w_two[k], w_one[k], rtol=0, atol=1e-5)
+    for key in ("loss", "reward", "kl", "accuracy"):
+        assert h_two[-1][key] == pytest.approx(h_one[-1][key], rel=1e-4, abs=1e-6), key
     # the checkpoint is unsharded: it loads into a single-process run
     single = SparsityForcingTrainer(make_config(tmp_path / "resume", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task())
     with pytest.warns(UserWarning, match="RNG states of 2 ranks"):
