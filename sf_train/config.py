@@ -241,6 +241,10 @@ class SFConfig:
             # bf16 weights updated by AdamW in place would lose every update below bf16's resolution
             raise ValueError("SFConfig.dtype='bfloat16' with full fine-tuning needs distributed='fsdp' (also on one "
                              "process: fp32 master weights, bf16 compute) or lora_rank > 0 (bf16 base, fp32 adapters)")
+        if self.lora_rank and self.distributed == "fsdp":
+            # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#fsdp)
+            raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated), "
+                             "got distributed='fsdp'")
         if self.gradient_checkpointing and self.soft_tau_weight:
             # the soft term's forward runs the eager attention, which a recompute in backward would not
             raise ValueError("SFConfig.gradient_checkpointing does not support soft_tau_weight > 0")

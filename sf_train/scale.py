@@ -6,6 +6,7 @@ Nothing here is a home-made adapter or distribution scheme: LoRA is peft's; the 
 with ``torch.distributed.checkpoint.state_dict``, the same calls for a plain, DDP or FSDP model,
 so one checkpoint format serves every mode.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,13 +24,22 @@ def apply_lora(model: nn.Module, config: SFConfig):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
-        raise ImportError("SFConfig.lora_rank > 0 needs peft: pip install 'sparse-attn[scale]' (or pip install peft)") from e
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(config.lora_target_modules))
+        raise ImportError(
+            "SFConfig.lora_rank > 0 needs peft: pip install 'sparse-attn[scale]' (or peft)"
+        ) from e
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(config.lora_target_modules),
+    )
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-        raise ValueError(f"SFConfig.lora_target_modules={config.lora_target_modules}: {e}") from None
+        raise ValueError(
+            f"SFConfig.lora_target_modules={config.lora_target_modules}: {e}"
+        ) from None
     return peft_model
 
 
@@ -72,8 +82,11 @@ def load_model_state(model: nn.Module, state: dict, trainable_only: bool) -> Non
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     if trainable_only and set(state) != trainable_names(model):
-        raise ValueError("the checkpoint's trained tensors are not this model's trainable ones (another lora_rank or "
-                         f"lora_target_modules?): {sorted(set(state) ^ trainable_names(model))[:4]} ...")
+        raise ValueError(
+            "the checkpoint's trained tensors are not this model's trainable ones (another "
+            "lora_rank or "
+            f"lora_target_modules?): {sorted(set(state) ^ trainable_names(model))[:4]} ..."
+        )
     set_model_state_dict(model, state, options=_options(strict=not trainable_only))
 
 

@@ -7,8 +7,9 @@ normalised within the prompt's group, and the policy is updated with the clipped
 beta * KL to the dense reference, its forward replaying each rollout's recorded selections.
 
 Distributed: under torchrun every rank takes its own prompts (a group never spans ranks, so
-group statistics are local), gradients are averaged by DDP, and logged metrics are averaged
-over ranks.
+group statistics are local), gradients are averaged by DDP or reduce-scattered by FSDP2
+(docs/scale.md#fsdp), and logged metrics are averaged over ranks. LoRA, bf16 and gradient
+checkpointing: docs/scale.md.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import scale
 from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
 from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import grpo_loss
-from . import scale
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
 from .rollout import Rollouts, rollout
@@ -73,9 +74,6 @@ class SparsityForcingTrainer:
         self.policy.set_attn_implementation(REPLAY_ATTENTION)
         self.trained = self.policy
         self.sharded = config.distributed == "fsdp"
-        if self.sharded and self.peft_model is not None:
-            # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#what-fits-where)
-            raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated)")
         if self.sharded:
             shard(self.policy, bf16=config.dtype == "bfloat16")
             if self.reference is not None:

@@ -1,5 +1,6 @@
 """Training at scale on CPU (docs/scale.md): LoRA through peft, bf16 autocast, gradient
 checkpointing, FSDP2 over 2 gloo processes."""
+
 import math
 import os
 import socket
@@ -37,18 +38,24 @@ def fixed_batch(trainer):
 def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_free_policy(tmp_path):
     torch.manual_seed(0)
     base = flat(toy_model().named_parameters())
-    trainer = lora_trainer(make_config(tmp_path, steps=2, lora_rank=4, lora_target_modules=("q_proj", "v_proj")))
+    trainer = lora_trainer(
+        make_config(tmp_path, steps=2, lora_rank=4, lora_target_modules=("q_proj", "v_proj"))
+    )
     assert trainer.reference is None, "no second copy of the model"
     before = flat(trainer.policy.named_parameters())
     adapters = {k for k in before if "lora_" in k}
-    assert adapters and all(v.requires_grad for k, v in trainer.policy.named_parameters() if k in adapters)
+    assert adapters and all(
+        v.requires_grad for k, v in trainer.policy.named_parameters() if k in adapters
+    )
     batch = fixed_batch(trainer)
     ref_before = trainer.reference_logp(batch)
     history = trainer.train(progress=False)
     assert all(math.isfinite(m["loss"]) for m in history) and history[-1]["kl"] > 0
     after = flat(trainer.policy.named_parameters())
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and changed <= adapters, f"non-adapter weights moved: {sorted(changed - adapters)[:3]}"
+    assert changed and changed <= adapters, (
+        f"non-adapter weights moved: {sorted(changed - adapters)[:3]}"
+    )
     assert any("lora_B" in k for k in changed)
     # the reference: unchanged by training, and equal to the base model without adapters
     torch.testing.assert_close(trainer.reference_logp(batch), ref_before, rtol=0, atol=0)
@@ -62,16 +69,31 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_free_policy(
     assert all(torch.equal(stripped[k], base[k]) for k in base), "base weights are frozen"
     # the trained policy is not the reference
     with torch.no_grad():
-        assert not torch.allclose(sequence_logp(trainer.policy, batch, 1.0, ())[0], base_logp, atol=1e-4)
+        assert not torch.allclose(
+            sequence_logp(trainer.policy, batch, 1.0, ())[0], base_logp, atol=1e-4
+        )
 
 
 def test_lora_replay_matches_rollouts(tmp_path):
     torch.manual_seed(0)
     trainer = lora_trainer(make_config(tmp_path, steps=1, lora_rank=4, lr=1e-2))
     trainer.train(progress=False)
-    assert any(float(p.detach().abs().max()) > 0 for k, p in trainer.policy.named_parameters() if "lora_B" in k)
-    assert_replay_matches_rollouts(trainer.policy, left_padded_prompts([30, 21, 25], vocab=32), "layer", EOS, PAD, max_tau=0.97,
-                                   n_probe=4, keep_first=1, keep_last=2)
+    assert any(
+        float(p.detach().abs().max()) > 0
+        for k, p in trainer.policy.named_parameters()
+        if "lora_B" in k
+    )
+    assert_replay_matches_rollouts(
+        trainer.policy,
+        left_padded_prompts([30, 21, 25], vocab=32),
+        "layer",
+        EOS,
+        PAD,
+        max_tau=0.97,
+        n_probe=4,
+        keep_first=1,
+        keep_last=2,
+    )
 
 
 def test_lora_resume_is_exact_and_checkpoint_holds_adapters_only(tmp_path):
@@ -93,8 +115,12 @@ def test_lora_resume_is_exact_and_checkpoint_holds_adapters_only(tmp_path):
             assert last[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     a, b = flat(uninterrupted.policy.named_parameters()), flat(resumed.policy.named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="lora_rank"):  # a LoRA checkpoint is not a full fine-tuning one
-        SparsityForcingTrainer(make_config(tmp_path / "b", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task()).resume()
+    with pytest.raises(
+        ValueError, match="lora_rank"
+    ):  # a LoRA checkpoint is not a full fine-tuning one
+        SparsityForcingTrainer(
+            make_config(tmp_path / "b", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task()
+        ).resume()
 
 
 def test_lora_final_save_merges_or_saves_the_adapter(tmp_path):
@@ -106,7 +132,9 @@ def test_lora_final_save_merges_or_saves_the_adapter(tmp_path):
     base_dir = tmp_path / "base"
     toy_model().save_pretrained(base_dir)
     for merge in (True, False):
-        trainer = lora_trainer(make_config(tmp_path / str(merge), steps=1, lora_rank=4, lr=1e-2, lora_merge=merge))
+        trainer = lora_trainer(
+            make_config(tmp_path / str(merge), steps=1, lora_rank=4, lr=1e-2, lora_merge=merge)
+        )
         trainer.train(progress=False)
         ids = torch.randint(2, 32, (2, 9))
         with torch.no_grad():
@@ -116,7 +144,9 @@ def test_lora_final_save_merges_or_saves_the_adapter(tmp_path):
             merged = Qwen2ForCausalLM.from_pretrained(tmp_path / f"final_{merge}")
             assert not any("lora" in k for k in merged.state_dict())
             with torch.no_grad():
-                torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(
+                    merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4
+                )
         else:
             assert (tmp_path / f"final_{merge}" / "adapter_config.json").exists()
             assert (tmp_path / f"final_{merge}" / "adapter_model.safetensors").exists()
@@ -126,9 +156,13 @@ def test_lora_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="lora_target_modules"):
         lora_trainer(make_config(tmp_path, lora_rank=2, lora_target_modules=("no_such_proj",)))
     with pytest.raises(ValueError, match="reference_model=None"):
-        SparsityForcingTrainer(make_config(tmp_path, lora_rank=2), toy_model(), toy_model(), toy_task())
+        SparsityForcingTrainer(
+            make_config(tmp_path, lora_rank=2), toy_model(), toy_model(), toy_task()
+        )
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         make_config(tmp_path, lora_rank=-1)
+    with pytest.raises(ValueError, match="lora_rank > 0 runs with distributed='ddp'"):
+        make_config(tmp_path, lora_rank=2, distributed="fsdp")
 
 
 # --- FSDP2 over 2 gloo processes ------------------------------------------------------------------
@@ -151,14 +185,18 @@ def _row_sampler(probs, num_samples=1, **_):
 
 
 def _fsdp_worker(rank, world_size, port, runs, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     sample = torch.multinomial
     try:
         for name, over, resume, by_row in runs:
             torch.multinomial = _row_sampler if by_row else sample  # this spawned process only
             torch.manual_seed(rank)
-            trainer = SparsityForcingTrainer(make_config(**over), toy_model(), toy_model(), toy_task())
+            trainer = SparsityForcingTrainer(
+                make_config(**over), toy_model(), toy_model(), toy_task()
+            )
             if resume:
                 trainer.resume()
             history = trainer.train(progress=False)
@@ -172,7 +210,9 @@ def _fsdp_worker(rank, world_size, port, runs, results):
 
 def spawn(runs, world_size=2):
     results = mp.Manager().dict()
-    mp.spawn(_fsdp_worker, args=(world_size, _free_port(), runs, results), nprocs=world_size, join=True)
+    mp.spawn(
+        _fsdp_worker, args=(world_size, _free_port(), runs, results), nprocs=world_size, join=True
+    )
     return dict(results)
 
 
@@ -181,17 +221,34 @@ def test_fsdp_two_processes_match_ddp_and_one_process_and_resume_exactly(tmp_pat
     runs = [
         ("ddp", dict(base, tmp_path=tmp_path / "ddp"), False, False),
         ("fsdp", dict(base, tmp_path=tmp_path / "fsdp", distributed="fsdp"), False, False),
-        ("first", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp", steps=1), False, False),
+        (
+            "first",
+            dict(base, tmp_path=tmp_path / "resume", distributed="fsdp", steps=1),
+            False,
+            False,
+        ),
         ("resumed", dict(base, tmp_path=tmp_path / "resume", distributed="fsdp"), True, False),
-        ("fsdp_by_row", dict(base, tmp_path=tmp_path / "fsdp_by_row", distributed="fsdp"), False, True),
+        (
+            "fsdp_by_row",
+            dict(base, tmp_path=tmp_path / "fsdp_by_row", distributed="fsdp"),
+            False,
+            True,
+        ),
     ]
     results = spawn(runs)
-    results.update(spawn([("one_by_row", dict(base, tmp_path=tmp_path / "one_by_row"), False, True)], world_size=1))
+    results.update(
+        spawn(
+            [("one_by_row", dict(base, tmp_path=tmp_path / "one_by_row"), False, True)],
+            world_size=1,
+        )
+    )
     (h_ddp, w_ddp), (h_fsdp, w_fsdp) = results[("ddp", 0)], results[("fsdp", 0)]
     assert w_fsdp and set(w_fsdp) == set(w_ddp)
     for k in w_ddp:  # same rollouts (per-rank RNG streams), the same update up to reduction order
         torch.testing.assert_close(w_fsdp[k], w_ddp[k], rtol=0, atol=1e-5)
-    assert any(not torch.equal(w_fsdp[k], toy_model().state_dict()[k]) for k in w_fsdp), "the weights moved"
+    assert any(not torch.equal(w_fsdp[k], toy_model().state_dict()[k]) for k in w_fsdp), (
+        "the weights moved"
+    )
     for key in ("loss", "reward", "kl", "token_ratio"):
         assert h_fsdp[-1][key] == pytest.approx(h_ddp[-1][key], rel=1e-4, abs=1e-6), key
     # resume under FSDP: weights, optimizer and each rank's RNG continue exactly
@@ -202,13 +259,17 @@ def test_fsdp_two_processes_match_ddp_and_one_process_and_resume_exactly(tmp_pat
     # against one process with the same global batch (4 prompts; 2 a rank): with rollouts that
     # depend on the prompt alone, the sharded 2-rank update is the 1-process update
     (h_two, w_two), (h_one, w_one) = results[("fsdp_by_row", 0)], results[("one_by_row", 0)]
-    assert [m["token_ratio"] for m in h_two] == pytest.approx([m["token_ratio"] for m in h_one], abs=1e-6)
+    assert [m["token_ratio"] for m in h_two] == pytest.approx(
+        [m["token_ratio"] for m in h_one], abs=1e-6
+    )
     for k in w_one:
         torch.testing.assert_close(w_two[k], w_one[k], rtol=0, atol=1e-5)
     for key in ("loss", "reward", "kl", "accuracy"):
         assert h_two[-1][key] == pytest.approx(h_one[-1][key], rel=1e-4, abs=1e-6), key
     # the checkpoint is unsharded: it loads into a single-process run
-    single = SparsityForcingTrainer(make_config(tmp_path / "resume", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task())
+    single = SparsityForcingTrainer(
+        make_config(tmp_path / "resume", steps=3, lr=1e-2), toy_model(), toy_model(), toy_task()
+    )
     with pytest.warns(UserWarning, match="RNG states of 2 ranks"):
         single.resume()
     assert single.step == 2
@@ -230,8 +291,12 @@ def trained(tmp_path, name, **over):
 
     torch.manual_seed(0)
     lora = over.get("lora_rank", 0) > 0
-    trainer = SparsityForcingTrainer(make_config(tmp_path / name, steps=2, lr=1e-2, **over), toy_model(),
-                                     None if lora else toy_model(), toy_task())
+    trainer = SparsityForcingTrainer(
+        make_config(tmp_path / name, steps=2, lr=1e-2, **over),
+        toy_model(),
+        None if lora else toy_model(),
+        toy_task(),
+    )
     history = trainer.train(progress=False)
     state = model_state(trainer.policy, trainable_only=lora)
     return history, {k: v.float() for k, v in state.items()}, trainer
@@ -271,10 +336,16 @@ def test_fsdp_on_one_process_equals_plain_and_bf16_keeps_fp32_masters(tmp_path, 
     for k in w:
         torch.testing.assert_close(wf[k], w[k], rtol=0, atol=1e-6)
     h16, w16, t16 = trained(tmp_path, "fsdp_bf16", distributed="fsdp", dtype="bfloat16")
-    assert all(p.dtype == torch.float32 for p in t16.policy.parameters()), "sharded master weights stay fp32"
-    assert all(p.dtype == torch.bfloat16 for p in t16.reference.parameters()), "the frozen reference is bf16"
+    assert all(p.dtype == torch.float32 for p in t16.policy.parameters()), (
+        "sharded master weights stay fp32"
+    )
+    assert all(p.dtype == torch.bfloat16 for p in t16.reference.parameters()), (
+        "the frozen reference is bf16"
+    )
     assert [m["token_ratio"] for m in h16] == [m["token_ratio"] for m in h]
     assert update_cosine(w16, w, start) > 0.6
     assert h16[-1]["loss"] == pytest.approx(h[-1]["loss"], abs=2e-3)
-    with pytest.raises(ValueError, match="dtype='bfloat16' with full fine-tuning needs distributed='fsdp'"):
+    with pytest.raises(
+        ValueError, match="dtype='bfloat16' with full fine-tuning needs distributed='fsdp'"
+    ):
         make_config(tmp_path, dtype="bfloat16")

@@ -1,4 +1,6 @@
-"""Run state: typed config fields, out_dir ownership, resume errors, safe and durable checkpoints."""
+"""Run state: typed config fields, out_dir ownership, resume errors, safe and durable
+checkpoints."""
+
 import argparse
 import json
 import os
@@ -23,21 +25,33 @@ def run(config, resume=False, **kw):
     return t, t.train(progress=False, **kw)
 
 
-# --- typed config ----------------------------------------------------------------------------------
+# --- typed config ---------------------------------------------------------------------------
 
 
 def test_config_values_are_typed_and_errors_name_the_field(tmp_path):
-    args = argparse.Namespace(config=None, set=["selection_gradient=False", "soft_tau_weight=0", "lr=1e-5"])
+    args = argparse.Namespace(
+        config=None, set=["selection_gradient=False", "soft_tau_weight=0", "lr=1e-5"]
+    )
     config = load_config(args)
     assert config.selection_gradient is False and config.lr == 1e-5
     assert SFConfig(selection_gradient="true").selection_gradient is True
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("lr: 1e-5\nsteps: 3\np_grid: [0.5, 0.9]\n")  # YAML 1.1 reads 1e-5 as a string
+    yaml_file.write_text(
+        "lr: 1e-5\nsteps: 3\np_grid: [0.5, 0.9]\n"
+    )  # YAML 1.1 reads 1e-5 as a string
     from_yaml = SFConfig.from_file(yaml_file)
-    assert from_yaml.lr == 1e-5 and isinstance(from_yaml.lr, float) and from_yaml.p_grid == (0.5, 0.9)
-    for bad, field in [({"steps": 2.5}, "steps"), ({"lr": "fast"}, "lr"), ({"selection_gradient": "maybe"},
-                       "selection_gradient"), ({"selection_gradient": 1}, "selection_gradient"),
-                       ({"p_grid": ["a", 0.9]}, "p_grid"), ({"task": 3}, "task"), ({"clip_eps_high": "x"}, "clip_eps_high")]:
+    assert (
+        from_yaml.lr == 1e-5 and isinstance(from_yaml.lr, float) and from_yaml.p_grid == (0.5, 0.9)
+    )
+    for bad, field in [
+        ({"steps": 2.5}, "steps"),
+        ({"lr": "fast"}, "lr"),
+        ({"selection_gradient": "maybe"}, "selection_gradient"),
+        ({"selection_gradient": 1}, "selection_gradient"),
+        ({"p_grid": ["a", 0.9]}, "p_grid"),
+        ({"task": 3}, "task"),
+        ({"clip_eps_high": "x"}, "clip_eps_high"),
+    ]:
         with pytest.raises(TypeError, match=f"SFConfig.{field} must be"):
             SFConfig(**bad)
     for name in ("beta", "clip_eps", "max_grad_norm", "lr", "weight_decay"):
@@ -48,7 +62,7 @@ def test_config_values_are_typed_and_errors_name_the_field(tmp_path):
         main(["train", "--set", "steps=2.5"])
 
 
-# --- out_dir ownership, resume ---------------------------------------------------------------------
+# --- out_dir ownership, resume ----------------------------------------------------------------
 
 
 def test_fresh_run_refuses_an_old_out_dir_unless_overwrite(tmp_path):
@@ -61,7 +75,7 @@ def test_fresh_run_refuses_an_old_out_dir_unless_overwrite(tmp_path):
     assert (tmp_path / "run" / CHECKPOINT_FILE).read_bytes() == checkpoint, "nothing overwritten"
     _, history = run(make_config(tmp_path, steps=2), overwrite=True)
     lines = (tmp_path / "run" / METRICS_FILE).read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2] == [m["step"] for m in history]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2] == [m["step"] for m in history]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -78,7 +92,7 @@ def test_torn_metrics_tail_is_dropped_with_a_warning(tmp_path):
     path.write_text(path.read_text() + '{"step": 2, "loss": 0.1')  # a crash mid-write
     with pytest.warns(UserWarning, match="torn last line"):
         _, history = run(make_config(tmp_path, steps=2), resume=True)
-    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     path.write_text("not json\n" + path.read_text())
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         run(make_config(tmp_path, steps=3), resume=True)
@@ -90,13 +104,20 @@ def test_resume_takes_the_checkpoint_config_and_refuses_changes(tmp_path):
         run(make_config(tmp_path, steps=2, lr=0.5, p_grid=(0.6, 0.8)), resume=True)
     # the CLI's --resume reads the stored config; the command line adds only what it sets
     out_dir = str(tmp_path / "run")
-    config = load_config(argparse.Namespace(config=None, set=[f"out_dir={out_dir}", "steps=5"], resume=True))
-    assert config.lr == 1e-3 and config.p_grid == (0.5, 0.9) and config.steps == 5 and config.n_probe == 4
+    config = load_config(
+        argparse.Namespace(config=None, set=[f"out_dir={out_dir}", "steps=5"], resume=True)
+    )
+    assert (
+        config.lr == 1e-3
+        and config.p_grid == (0.5, 0.9)
+        and config.steps == 5
+        and config.n_probe == 4
+    )
     _, history = run(make_config(tmp_path, steps=2, lr=1e-3, p_grid=(0.5, 0.9)), resume=True)
     assert [m["step"] for m in history] == [2]
 
 
-# --- checkpoint safety and durability --------------------------------------------------------------
+# --- checkpoint safety and durability ---------------------------------------------------------
 
 
 class _Payload:
@@ -127,11 +148,19 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
 def test_checkpoint_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, type(tmp_path).replace
-    monkeypatch.setattr(trainer_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
-    monkeypatch.setattr(type(tmp_path), "replace", lambda self, target: (events.append("rename"), real_replace(self, target))[1])
+    monkeypatch.setattr(
+        trainer_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))
+    )
+    monkeypatch.setattr(
+        type(tmp_path),
+        "replace",
+        lambda self, target: (events.append("rename"), real_replace(self, target))[1],
+    )
     trainer_module.write_durably({"x": torch.ones(2)}, tmp_path / CHECKPOINT_FILE)
     assert events[:2] == ["fsync", "rename"]
-    assert torch.equal(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["x"], torch.ones(2))
+    assert torch.equal(
+        torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["x"], torch.ones(2)
+    )
     assert not (tmp_path / (CHECKPOINT_FILE + ".tmp")).exists()
 
 

@@ -3,7 +3,7 @@
 SFConfig.data names a JSONL file, one record a line:
 
   {"images": ["a.png", ...], "question": "...", "answer": "..."}   one or more images
-  {"video": "clip.mp4", "question": "...", "answer": "..."}        a video (needs the full processor)
+  {"video": "clip.mp4", "question": "...", "answer": "..."}        a video (full processor)
   {"question": "...", "answer": "..."}                             text only
 
 with paths relative to the file, and an optional "split": "train" | "heldout" (a record without
@@ -29,7 +29,12 @@ import torch
 from ..tasks import TrainingTask
 from .common import normalise
 
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -52,7 +57,9 @@ def _first_number(text: str) -> float | None:
 def numeric_match(prompt: str, completion: str, answer: str) -> int:
     """The completion's first number equals the answer's (relative tolerance 1e-6)."""
     got, want = _first_number(completion), _first_number(answer)
-    return int(got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+    return int(
+        got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+    )
 
 
 _CHOICE = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
@@ -111,31 +118,38 @@ def read_records(path: str | Path) -> list[Record]:
         if unknown:
             raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
         if not isinstance(raw.get("question"), str) or not raw["question"].strip():
-            raise ValueError(f"{where}: \"question\" must be a non-empty string")
+            raise ValueError(f'{where}: "question" must be a non-empty string')
         answer = raw.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(f"{where}: \"answer\" must be a non-empty string or a number")
+            raise ValueError(f'{where}: "answer" must be a non-empty string or a number')
         if "images" in raw and "video" in raw:
-            raise ValueError(f"{where}: a record holds \"images\" or \"video\", not both")
+            raise ValueError(f'{where}: a record holds "images" or "video", not both')
         images = raw.get("images", [])
         if isinstance(images, str):
             images = [images]
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise ValueError(f"{where}: \"images\" must be a list of paths")
+            raise ValueError(f'{where}: "images" must be a list of paths')
         video = raw.get("video")
         if video is not None and not isinstance(video, str):
-            raise ValueError(f"{where}: \"video\" must be a path")
+            raise ValueError(f'{where}: "video" must be a path')
         files = [path.parent / i for i in images] + ([path.parent / video] if video else [])
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{where}: no such file {missing[0]}")
         split = raw.get("split")
         if split not in (None, "train", "heldout"):
-            raise ValueError(f"{where}: \"split\" must be \"train\" or \"heldout\", got {split!r}")
-        records.append(Record(raw["question"], answer, tuple(path.parent / i for i in images),
-                              path.parent / video if video else None, split))
+            raise ValueError(f'{where}: "split" must be "train" or "heldout", got {split!r}')
+        records.append(
+            Record(
+                raw["question"],
+                answer,
+                tuple(path.parent / i for i in images),
+                path.parent / video if video else None,
+                split,
+            )
+        )
     if not records:
         raise ValueError(f"SFConfig.data: {path} holds no records")
     return records
@@ -149,7 +163,9 @@ def load_model(model_dir: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_dir)
-    auto = AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
+    auto = (
+        AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
+    )
     return auto.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
@@ -168,19 +184,26 @@ class _PlaceholderProcessor:
         from transformers import BatchFeature
 
         if videos:
-            raise ValueError("video records need the checkpoint's full processor (transformers' AutoProcessor, "
-                             "which needs torchvision): it could not be loaded")
+            raise ValueError(
+                "video records need the checkpoint's full processor (transformers' AutoProcessor, "
+                "which needs torchvision): it could not be loaded"
+            )
         data = {}
         if images:
             data.update(self.image_processor(images, return_tensors=return_tensors))
-            merge = self.image_processor.merge_size ** 2
+            merge = self.image_processor.merge_size**2
             counts = iter((data["image_grid_thw"].prod(-1) // merge).tolist())
-            text = [t.split(IMAGE_PAD)[0] + "".join(IMAGE_PAD * next(counts) + tail for tail in t.split(IMAGE_PAD)[1:])
-                    for t in text]
+            text = [
+                t.split(IMAGE_PAD)[0]
+                + "".join(IMAGE_PAD * next(counts) + tail for tail in t.split(IMAGE_PAD)[1:])
+                for t in text
+            ]
         encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
         data.update(encoded)
         image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        data["mm_token_type_ids"] = (encoded["input_ids"] == image_id).to(encoded["input_ids"].dtype)
+        data["mm_token_type_ids"] = (encoded["input_ids"] == image_id).to(
+            encoded["input_ids"].dtype
+        )
         return BatchFeature(data, tensor_type=return_tensors)
 
 
@@ -206,23 +229,39 @@ def load_processor(model_dir: str, vision: bool):
 
 def prompt_text(tokenizer, record: Record) -> str:
     if tokenizer.chat_template:
-        visual = [{"type": "image"}] * len(record.images) + ([{"type": "video"}] if record.video else [])
-        messages = [{"role": "user", "content": [*visual, {"type": "text", "text": record.question}]}]
+        visual = [{"type": "image"}] * len(record.images) + (
+            [{"type": "video"}] if record.video else []
+        )
+        messages = [
+            {"role": "user", "content": [*visual, {"type": "text", "text": record.question}]}
+        ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     pads = VISION_START + IMAGE_PAD + VISION_END
-    return record.question + pads * len(record.images) + (VISION_START + VIDEO_PAD + VISION_END if record.video else "")
+    return (
+        record.question
+        + pads * len(record.images)
+        + (VISION_START + VIDEO_PAD + VISION_END if record.video else "")
+    )
 
 
-def jsonl_task(records: list[Record], processor, tokenizer, correctness: str = "exact") -> TrainingTask:
+def jsonl_task(
+    records: list[Record], processor, tokenizer, correctness: str = "exact"
+) -> TrainingTask:
     if correctness not in CORRECTNESS:
-        raise ValueError(f"SFConfig.correctness must be one of {sorted(CORRECTNESS)}, got {correctness!r}")
-    splits = {name: [r for r in records if r.split in (None, name)] for name in ("train", "heldout")}
+        raise ValueError(
+            f"SFConfig.correctness must be one of {sorted(CORRECTNESS)}, got {correctness!r}"
+        )
+    splits = {
+        name: [r for r in records if r.split in (None, name)] for name in ("train", "heldout")
+    }
 
     def samples(split: str, start: int, count: int) -> list[Record]:
         pool = splits[split]
         if not pool:
             raise ValueError(f"SFConfig.data holds no {split!r} records")
-        return [pool[(start + i) % len(pool)] for i in range(count)]  # the train split cycles (epochs)
+        return [
+            pool[(start + i) % len(pool)] for i in range(count)
+        ]  # the train split cycles (epochs)
 
     def encode(batch: list[Record]):
         from PIL import Image
@@ -230,11 +269,19 @@ def jsonl_task(records: list[Record], processor, tokenizer, correctness: str = "
         text = [prompt_text(tokenizer, r) for r in batch]
         if processor is None:
             if any(r.images or r.video for r in batch):
-                raise ValueError(f"{tokenizer.name_or_path} is a text model: the records hold images or a video")
+                raise ValueError(
+                    f"{tokenizer.name_or_path} is a text model: the records hold images or a video"
+                )
             return tokenizer(text, padding=True, return_tensors="pt")
         images = [Image.open(p).convert("RGB") for r in batch for p in r.images]
         videos = [str(r.video) for r in batch if r.video]
-        return processor(text=text, images=images or None, videos=videos or None, padding=True, return_tensors="pt")
+        return processor(
+            text=text,
+            images=images or None,
+            videos=videos or None,
+            padding=True,
+            return_tensors="pt",
+        )
 
     vocab = tokenizer.get_vocab()
     return TrainingTask(
@@ -247,8 +294,10 @@ def jsonl_task(records: list[Record], processor, tokenizer, correctness: str = "
         decode=lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # a completion must not hold a visual placeholder: it would break the model's image bookkeeping
-        suppressed_token_ids=tuple(vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END) if t in vocab),
+        # a completion holding a visual placeholder would break the model's image bookkeeping
+        suppressed_token_ids=tuple(
+            vocab[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END) if t in vocab
+        ),
     )
 
 
