@@ -87,6 +87,8 @@ def test_jsonl_train_and_eval_through_the_cli(tmp_path, capsys):
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1] and 0.0 <= metrics[0]["accuracy"] <= 1.0
     assert (out_dir / "final" / "model.safetensors").exists(), "LoRA merged into a plain checkpoint"
+    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
+        main(["train", "--set", *common, f"out_dir={out_dir}", "steps=2"])  # before any model loads
     capsys.readouterr()
     main(
         [
