@@ -43,6 +43,16 @@ def apply_lora(model: nn.Module, config: SFConfig):
     return peft_model
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (frozen
+    inputs under LoRA and FSDP2 work). Its name since transformers 5.2x; before, gradient_..."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def freeze_to_dtype(model: nn.Module, config: SFConfig) -> None:
     """Frozen weights (a LoRA base, the full fine-tuning reference) stored and run in bf16 under
     dtype = "bfloat16": they are never updated, so fp32 copies would only cost memory. Trained

@@ -67,7 +67,7 @@ class SparsityForcingTrainer:
             self.reference = reference_model.to(self.device).eval().requires_grad_(False)
             scale.freeze_to_dtype(self.reference, config)
         if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and FSDP2
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            scale.enable_checkpointing(self.policy)
         # Rollouts decode through the TopPCache; the training forward replays their selections.
         import sparse_attn.attention  # noqa: F401  (registers the sparse_topp attention)
 

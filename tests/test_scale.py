@@ -336,7 +336,7 @@ def update_cosine(a, b, start):
 def test_gradient_checkpointing_changes_nothing(tmp_path, lora_rank):
     h0, w0, _ = trained(tmp_path, "plain", lora_rank=lora_rank)
     h1, w1, t1 = trained(tmp_path, "checkpointed", lora_rank=lora_rank, gradient_checkpointing=True)
-    assert t1.policy.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in t1.policy.modules())
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "recomputation replays the same selections"
     assert [m["loss"] for m in h0] == [m["loss"] for m in h1]
 
