@@ -53,7 +53,16 @@ def main(argv=None) -> None:
         _config_arguments(p)
         if name == "train":
             p.add_argument(
-                "--resume", action="store_true", help="continue from out_dir's checkpoint"
+                "--resume",
+                action="store_true",
+                help="continue from out_dir's checkpoint, with its config",
+            )
+        if name in ("train", "main"):
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="start over in an out_dir that holds an earlier run (deletes its metrics and "
+                "checkpoint)",
             )
         if name == "eval":
             p.add_argument("--model", help="checkpoint directory (default: the config's model)")
@@ -81,9 +90,15 @@ def main(argv=None) -> None:
             )
     args = ap.parse_args(argv)
     init_distributed()
-    config = experiments.load_config(args, recipe=args.command == "main")
+    try:
+        config = experiments.load_config(args, recipe=args.command == "main")
+    except (TypeError, ValueError, FileNotFoundError) as e:  # a bad field or file: one line
+        raise SystemExit(f"sf-train {args.command}: {e}") from None
     if args.command == "train":
-        experiments.run_training(config, resume=args.resume)
+        try:
+            experiments.run_training(config, resume=args.resume, overwrite=args.overwrite)
+        except FileExistsError as e:  # an earlier run in out_dir: say how to go on, no traceback
+            raise SystemExit(f"sf-train train: {e}") from None
     elif args.command == "eval":
         results = experiments.run_eval(
             config,
@@ -105,7 +120,10 @@ def main(argv=None) -> None:
         )
         print(format_table(reports))
     else:
-        experiments.run_embedded_default(config)
+        try:
+            experiments.run_embedded_default(config, overwrite=args.overwrite)
+        except FileExistsError as e:
+            raise SystemExit(f"sf-train main: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,65 @@ from .replay import SelectionGradient
 from .rewards import EFFICIENCY_GATES
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DISTRIBUTED = ("ddp", "fsdp")
+DTYPES = ("float32", "bfloat16")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _typed(name: str, annotation: str, value):
+    """``value`` as the type ``annotation`` names (the dataclass's string annotations), or a
+    TypeError naming the field. Strings are parsed where a command line or YAML 1.1 leaves them
+    (``--set flag=False``, ``lr: 1e-5``); nothing is rounded (``steps=2.5`` is refused)."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    expected = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string",
+                "tuple[float, ...]": "a list of numbers", "tuple[str, ...]": "a list of strings"}[base]
+    bad = TypeError(f"SFConfig.{name} must be {expected}{' or null' if optional else ''}, got {value!r}")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad
+    if base == "int":
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    item = base[len("tuple["):-len(", ...]")]
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]  # one value for a list field
+    if not isinstance(value, (list, tuple)):
+        raise bad
+    try:
+        return tuple(_typed(name, item, v) for v in value)
+    except TypeError:
+        raise bad from None
+
+
+def check_types(config) -> None:
+    """Set every field of ``config`` to its declared type, or raise a TypeError naming it."""
+    for f in fields(config):
+        setattr(config, f.name, _typed(f.name, f.type, getattr(config, f.name)))
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -114,10 +173,26 @@ class SFConfig:
     baseline_samples: int = _field(128, "held-out samples per point of main's selection-rule comparison")
     eval_p: tuple[float, ...] = _field((0.975, 1.0), "thresholds p of the evaluation (main adds deploy_p, "
                                        "the grid's lower end and 1.0)")
+    # scale (docs/scale.md): sharding, adapters, memory, your own data
+    distributed: str = _field("ddp", "under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2 fully_shard per decoder "
+                              "layer; also on one process, for dtype='bfloat16' full fine-tuning)")
+    lora_rank: int = _field(0, "0 = full fine-tuning; > 0 = peft LoRA adapters of this rank, the reference "
+                            "being the policy with its adapters disabled")
+    lora_alpha: float = _field(16.0, "LoRA scaling numerator (scale = lora_alpha / lora_rank)")
+    lora_target_modules: tuple[str, ...] = _field(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                  "module names (peft target_modules) that get adapters")
+    lora_merge: bool = _field(True, "the final save merges the adapters into the weights (false: saves the "
+                              "adapter alone, peft's format)")
+    gradient_checkpointing: bool = _field(False, "recompute each decoder layer's activations in backward")
+    dtype: str = _field("float32", "'bfloat16': frozen weights and compute in bf16, trained weights, "
+                        "optimizer and loss fp32 (docs/scale.md#dtype)")
+    data: str = _field("", "task=jsonl: the JSONL file of {\"images\": [...] | \"video\": ..., \"question\", "
+                       "\"answer\"} records (paths relative to the file)")
+    correctness: str = _field("exact", "task=jsonl: how an answer is judged: 'exact', 'numeric' or "
+                              "'choice' (multiple-choice letter)")
 
     def __post_init__(self):
-        self.p_grid = tuple(float(p) for p in self.p_grid)
-        self.eval_p = tuple(float(p) for p in self.eval_p)
+        check_types(self)
         for name in ("p_grid", "eval_p"):
             bad = [p for p in getattr(self, name) if not 0.0 < p <= 1.0]
             if bad or not getattr(self, name):
@@ -149,6 +224,30 @@ class SFConfig:
                                  f"prune={self.prune!r}, granularity={self.granularity!r}")
         if not self.selection_gradient_temperature > 0:
             raise ValueError(f"SFConfig.selection_gradient_temperature must be > 0, got {self.selection_gradient_temperature}")
+        for name in ("beta", "weight_decay", "lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"SFConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("clip_eps", "clip_eps_high", "max_grad_norm", "advantage_eps"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"SFConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"SFConfig.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"SFConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lora_rank < 0 or not self.lora_alpha > 0 or not self.lora_target_modules:
+            raise ValueError("SFConfig.lora_rank must be >= 0, lora_alpha > 0 and lora_target_modules non-empty, got "
+                             f"{self.lora_rank}, {self.lora_alpha}, {self.lora_target_modules}")
+        if self.dtype == "bfloat16" and not self.lora_rank and self.distributed != "fsdp":
+            # bf16 weights updated by AdamW in place would lose every update below bf16's resolution
+            raise ValueError("SFConfig.dtype='bfloat16' with full fine-tuning needs distributed='fsdp' (also on one "
+                             "process: fp32 master weights, bf16 compute) or lora_rank > 0 (bf16 base, fp32 adapters)")
+        if self.lora_rank and self.distributed == "fsdp":
+            # LoRA's frozen base is 2 bytes a parameter in bf16: it fits one device (docs/scale.md#fsdp)
+            raise ValueError("SFConfig.lora_rank > 0 runs with distributed='ddp' (the frozen base is replicated), "
+                             "got distributed='fsdp'")
+        if self.gradient_checkpointing and self.soft_tau_weight:
+            # the soft term's forward runs the eager attention, which a recompute in backward would not
+            raise ValueError("SFConfig.gradient_checkpointing does not support soft_tau_weight > 0")
         if self.temperature <= 0:
             raise ValueError(f"SFConfig.temperature must be > 0 (rollouts sample), got {self.temperature}")
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields

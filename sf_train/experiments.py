@@ -29,13 +29,19 @@ from .baselines import compare_rules, format_table, plot_rules
 from .config import SFConfig, parse_overrides
 from .distributed import device_for_rank
 from .evaluate import evaluate, plot_reports, save_report
-from .trainer import SparsityForcingTrainer
+from .trainer import SparsityForcingTrainer, check_fresh_out_dir, checkpoint_config
 from .worlds.registry import EMBEDDED_TASKS, load_models_and_task, resolve_model
 
 
 def load_config(args, recipe: bool = False) -> SFConfig:
-    """SFConfig from --config and --set; with ``recipe``, an embedded task's main_recipe under both."""
+    """SFConfig from --config and --set; with ``recipe``, an embedded task's main_recipe under both.
+    With --resume, the checkpoint's config under both (trainer.resume refuses a changed field)."""
     overrides = parse_overrides(args.set or [])
+    if getattr(args, "resume", False):
+        given = {**(SFConfig.file_values(args.config) if args.config else {}), **overrides}
+        stored = checkpoint_config(given.get("out_dir", SFConfig.out_dir))
+        known = set(SFConfig().to_dict())
+        return SFConfig(**{**{k: v for k, v in stored.items() if k in known}, **given})
     config = SFConfig.from_file(args.config, **overrides) if args.config else SFConfig(**overrides)
     if recipe and config.task in EMBEDDED_TASKS:
         given = set(overrides) | (set(SFConfig.file_values(args.config)) if args.config else set())
@@ -43,27 +49,34 @@ def load_config(args, recipe: bool = False) -> SFConfig:
     return config
 
 
-def run_training(config: SFConfig, resume: bool = False):
+def run_training(config: SFConfig, resume: bool = False, overwrite: bool = False):
     config = resolve_model(config)
+    if not resume:  # before loading any model
+        check_fresh_out_dir(Path(config.out_dir), overwrite, delete=False)
     torch.manual_seed(config.seed)
     policy, reference, task = load_models_and_task(config)
+    if config.lora_rank:  # the reference is the policy with its adapters disabled (docs/scale.md#lora)
+        del reference
+        reference = None
     trainer = SparsityForcingTrainer(config, policy, reference, task, device=device_for_rank())
     if resume:
         trainer.resume()
-    trainer.train()
-    if trainer.rank == 0:
-        save_final(policy, config.model, Path(config.out_dir) / "final")
+    trainer.train(overwrite=overwrite)
+    save_final(trainer.final_model(), config.model, Path(config.out_dir) / "final",
+               state_dict=trainer.final_state_dict(), write=trainer.rank == 0)
     return trainer
 
 
-def save_final(model, base_dir: str, out: Path) -> None:
+def save_final(model, base_dir: str, out: Path, state_dict: dict | None = None, write: bool = True) -> None:
     """A checkpoint directory like the base one: its tokenizer / processor / config files, the
-    trained weights."""
+    trained weights (``state_dict``: gathered from a sharded model; a PeftModel saves its adapter)."""
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(base_dir).iterdir():
         if f.is_file() and f.suffix not in (".safetensors", ".bin"):
             shutil.copy(f, out / f.name)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
 
 
 def run_eval(config: SFConfig, model_dir: str, p_values, samples: int, out: str | None):
@@ -100,8 +113,9 @@ def ensure_base_checkpoint(path: Path, trainer: str) -> None:
     importlib.import_module(trainer).main(["--out", str(path)])
 
 
-def run_embedded_default(config: SFConfig) -> dict:
+def run_embedded_default(config: SFConfig, overwrite: bool = False) -> dict:
     out_dir = Path(config.out_dir)
+    check_fresh_out_dir(out_dir, overwrite, delete=False)  # before the first evaluation, not after it
     # The default names the packaged base checkpoint of an embedded task (found wherever sf_train
     # is installed, trained if missing); any other path is used as given, and a missing one is an
     # error, not a silent substitute.
@@ -118,7 +132,7 @@ def run_embedded_default(config: SFConfig) -> dict:
 
     started = time.perf_counter()
     before = run_eval(config, str(model), p_values, config.eval_samples, str(out_dir / "before.json"))
-    run_training(config)
+    run_training(config, overwrite=overwrite)
     after = run_eval(config, str(out_dir / "final"), p_values, config.eval_samples, str(out_dir / "after.json"))
     # The paper's Table 3 in miniature: other selection rules at top-p's token ratio, before and after.
     rules = compare_checkpoints(config, {"before": str(model), "after": str(out_dir / "final")},

@@ -48,12 +48,15 @@ def completion_logp(logits: Tensor, tokens: Tensor, temperature: float, suppress
 
 @torch.no_grad()
 def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos_token_id: int,
-            pad_token_id: int, temperature: float | None, suppressed: tuple[int, ...] = ()) -> Rollouts:
+            pad_token_id: int, temperature: float | None, suppressed: tuple[int, ...] = (),
+            synced_gpus: bool = False) -> Rollouts:
     """Decode every prompt of ``inputs`` (left-padded) once through a TopPCache with ``policy``.
 
     temperature None decodes greedily (evaluation); otherwise tokens are sampled from
     softmax(logits / temperature) and their log-probs kept for the policy-gradient ratio.
     ``suppressed`` token ids are never generated (e.g. image placeholders a VLM must not emit).
+    ``synced_gpus``: keep running forwards until every rank is done (a sharded model's forward
+    is a collective; docs/scale.md#fsdp).
     """
     cache = TopPCache(policy, reserve=max_new_tokens)
     sample = temperature is not None
@@ -63,7 +66,8 @@ def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos
         pad_token_id=pad_token_id, output_logits=sample, return_dict_in_generate=True,
         suppress_tokens=list(suppressed) or None,
     )
-    out = model.generate(**inputs, **{cache_argument(model): cache}, generation_config=generation)
+    out = model.generate(**inputs, **{cache_argument(model): cache}, generation_config=generation,
+                         synced_gpus=synced_gpus)
     P = inputs["input_ids"].shape[1]
     completions = out.sequences[:, P:]
     logp = None

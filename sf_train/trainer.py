@@ -7,23 +7,28 @@ normalised within the prompt's group, and the policy is updated with the clipped
 beta * KL to the dense reference, its forward replaying each rollout's recorded selections.
 
 Distributed: under torchrun every rank takes its own prompts (a group never spans ranks, so
-group statistics are local), gradients are averaged by DDP, and logged metrics are averaged
-over ranks.
+group statistics are local), gradients are averaged by DDP or reduce-scattered by FSDP2
+(docs/scale.md#fsdp), and logged metrics are averaged over ranks. LoRA, bf16 and gradient
+checkpointing: docs/scale.md.
 """
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .batch import sequence_logp, training_batch
+from . import scale
+from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
-from .distributed import mean_over_ranks, world
+from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import grpo_loss
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
@@ -33,28 +38,78 @@ from .tasks import TrainingTask
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FORMAT = 2  # tensors and plain values only: loadable with torch.load(weights_only=True)
+# SFConfig fields a resumed run may change; every other one must match the checkpoint's run.
+RESUMABLE_FIELDS = ("steps", "out_dir", "save_every", "eval_samples", "baseline_samples", "eval_p", "distributed",
+                    "gradient_checkpointing")  # the checkpoint is unsharded; recomputation changes no value
 
 
 class SparsityForcingTrainer:
     def __init__(self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"):
         self.config, self.task, self.device = config, task, torch.device(device)
+        if config.distributed == "fsdp":  # FSDP on one process too (bf16 compute, fp32 master weights)
+            ensure_process_group(self.device)
         self.rank, self.world_size = world()
         if config.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks")
         self.policy = policy_model.to(self.device)
-        self.reference = reference_model.to(self.device).eval().requires_grad_(False)
+        # LoRA (docs/scale.md#lora): adapters on the policy, whose adapter-free forward is the reference.
+        self.peft_model = scale.apply_lora(self.policy, config) if config.lora_rank else None
+        if self.peft_model is not None:
+            if reference_model is not None:
+                raise ValueError("with SFConfig.lora_rank > 0 the reference is the policy with its adapters disabled: "
+                                 "pass reference_model=None (no second copy)")
+            self.reference = None
+            scale.freeze_to_dtype(self.policy, config)  # the frozen base; the adapters stay fp32
+        else:
+            if reference_model is None:
+                raise ValueError("full fine-tuning (SFConfig.lora_rank = 0) needs a reference_model")
+            self.reference = reference_model.to(self.device).eval().requires_grad_(False)
+            scale.freeze_to_dtype(self.reference, config)
+        if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and FSDP2
+            scale.enable_checkpointing(self.policy)
         # Rollouts decode through the TopPCache; the training forward replays their selections.
         import sparse_attn.attention  # noqa: F401  (registers the sparse_topp attention)
 
         self.policy.set_attn_implementation(REPLAY_ATTENTION)
         self.trained = self.policy
-        if self.world_size > 1:
+        self.sharded = config.distributed == "fsdp"
+        if self.sharded:
+            shard(self.policy, bf16=config.dtype == "bfloat16")
+            if self.reference is not None:
+                shard(self.reference, bf16=config.dtype == "bfloat16")
+        elif self.world_size > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
         )
         self.step = 0
+        self.resumed = False
         self.out_dir = Path(config.out_dir)
+
+    def final_model(self):
+        """The model to save at the end: the policy; with LoRA, the adapters merged into it
+        (SFConfig.lora_merge) or the PeftModel (saves the adapter alone)."""
+        if self.peft_model is None:
+            return self.policy
+        return self.peft_model.merge_and_unload() if self.config.lora_merge else self.peft_model
+
+    def final_state_dict(self) -> dict | None:
+        """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
+        return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
+
+    def reference_logp(self, batch: TrainingBatch) -> Tensor:
+        """Log-probs of the completions under the frozen reference (dense attention, no grad)."""
+        cfg, task = self.config, self.task
+        with torch.no_grad():
+            if self.peft_model is None:
+                return sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)[0]
+            self.policy.eval()
+            try:
+                with scale.adapters_disabled(self.peft_model):
+                    return sequence_logp(self.policy, batch, cfg.temperature, task.suppressed_token_ids)[0]
+            finally:
+                self.policy.train()
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -65,10 +120,12 @@ class SparsityForcingTrainer:
         enable(self.policy)
         self.policy.eval()
         try:
+            # Sharded: every forward is a collective, so ranks keep decoding until all are done.
             return [
                 rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
                         eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
-                        temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids)
+                        temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids,
+                        synced_gpus=self.sharded and self.world_size > 1)
                 for p in self.config.p_grid
             ]
         finally:
@@ -97,8 +154,7 @@ class SparsityForcingTrainer:
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
-        with torch.no_grad():
-            logp_ref, _ = sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)
+        logp_ref = self.reference_logp(batch)
         for _ in range(cfg.inner_epochs):
             with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
                 logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
@@ -112,8 +168,14 @@ class SparsityForcingTrainer:
                 soft_tau = self.soft_tau(inputs)
                 loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            # Under gradient checkpointing the layers recompute their forward during backward: it
+            # must replay the same selections (docs/scale.md#gradient-checkpointing).
+            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             for group in self.optimizer.param_groups:  # a function of the step: resume stays exact
                 group["lr"] = cfg.lr_at(self.step)
             self.optimizer.step()
@@ -143,9 +205,13 @@ class SparsityForcingTrainer:
 
     # --- the loop, checkpoints -----------------------------------------------------------------
 
-    def train(self, progress: bool = True) -> list[dict]:
+    def train(self, progress: bool = True, overwrite: bool = False) -> list[dict]:
+        """Run to config.steps. A fresh run (no resume()) refuses an out_dir that already holds a
+        run's checkpoint or metrics, unless ``overwrite`` (then they are deleted first)."""
         from sparse_attn.progress import progress as progress_bar
 
+        if not self.resumed:
+            check_fresh_out_dir(self.out_dir, overwrite, delete=self.rank == 0)
         history = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         bar = progress_bar(total=self.config.steps, initial=self.step, disable=not progress or self.rank != 0, desc="sparsity forcing")
@@ -164,29 +230,154 @@ class SparsityForcingTrainer:
         return history
 
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
+        """out_dir/checkpoint.pt: step, config, the trained tensors (all weights; LoRA: the
+        adapters), optimizer and every rank's RNG, as tensors and plain values only. Every rank
+        calls it (gathering a sharded model is a collective); rank 0 writes, durably."""
+        lora = self.peft_model is not None
         state = {
+            "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "config": self.config.to_dict(),
-            "model": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "lora": lora,
+            "model": scale.model_state(self.policy, trainable_only=lora),
+            "optimizer": scale.optimizer_state(self.policy, self.optimizer),
+            "rng": gather_rng_states(),
         }
-        tmp = self.out_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / CHECKPOINT_FILE)  # never leave a half-written checkpoint
+        if self.rank == 0:
+            write_durably(state, self.out_dir / CHECKPOINT_FILE)
 
     def resume(self) -> None:
-        """Continue exactly where the checkpoint in out_dir stopped (weights, optimizer, RNG, step)."""
-        state = torch.load(self.out_dir / CHECKPOINT_FILE, weights_only=False)
-        self.policy.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        """Continue exactly where the checkpoint in out_dir stopped (weights, optimizer, every
+        rank's RNG, step). The run's config must be the checkpoint's, but for RESUMABLE_FIELDS."""
+        state = load_checkpoint(self.out_dir / CHECKPOINT_FILE)
+        check_resumed_config(state["config"], self.config, self.out_dir / CHECKPOINT_FILE)
+        if state["lora"] != (self.peft_model is not None):
+            raise ValueError(f"{self.out_dir / CHECKPOINT_FILE} holds a {'LoRA' if state['lora'] else 'full'} "
+                             "fine-tuning run; SFConfig.lora_rank must match it")
+        scale.load_model_state(self.policy, state["model"], trainable_only=state["lora"])
+        scale.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        rngs = state["rng"]
+        if len(rngs) != self.world_size:
+            warnings.warn(f"the checkpoint holds the RNG states of {len(rngs)} ranks and this run has "
+                          f"{self.world_size}: rollouts will not repeat the uninterrupted run's samples")
+        set_rng_state(rngs[self.rank % len(rngs)])
         self.step = state["step"]
-        metrics = self.out_dir / METRICS_FILE
-        if self.rank == 0 and metrics.exists():  # drop lines logged after the checkpoint
-            lines = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= self.step]
-            metrics.write_text("".join(l + "\n" for l in lines))
+        self.resumed = True
+        if self.rank == 0:
+            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+
+
+def check_fresh_out_dir(out_dir: Path, overwrite: bool, delete: bool = True) -> None:
+    """Refuse to start a run over an earlier one's checkpoint / metrics (it would append to its
+    metrics and replace its checkpoint), unless ``overwrite``: then delete them."""
+    existing = [out_dir / name for name in (CHECKPOINT_FILE, METRICS_FILE) if (out_dir / name).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}): continue it "
+                              "with --resume, start over with --overwrite, or pick another out_dir")
+    if delete:
+        for path in existing:
+            path.unlink(missing_ok=True)
+
+
+def write_durably(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, flushed and fsynced, then renamed over ``path`` (and the
+    directory fsynced): a crash leaves the old or the new checkpoint, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint written by save_checkpoint, loaded with torch.load(weights_only=True): a
+    file holding anything but tensors and plain values (code, in a pickle) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {path} (SFConfig.out_dir = {path.parent}): "
+                                "start the run without --resume, or point out_dir at the run to continue")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a checkpoint sf_train loads: it holds objects other than tensors and plain "
+                         f"values, which torch.load(weights_only=True) refuses to run ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} sf_train checkpoint (written by another "
+                         "version?): start a new run")
+    return state
+
+
+def checkpoint_config(out_dir) -> dict:
+    """The SFConfig fields of the run whose checkpoint is in ``out_dir``."""
+    return load_checkpoint(Path(out_dir) / CHECKPOINT_FILE, mmap=True)["config"]
+
+
+def check_resumed_config(stored: dict, config: SFConfig, path: Path) -> None:
+    plain = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
+    current = config.to_dict()
+    differ = {k: (v, current[k]) for k, v in stored.items()
+              if k in current and k not in RESUMABLE_FIELDS and plain(v) != plain(current[k])}
+    if differ:
+        lines = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(differ.items()))
+        raise ValueError(f"--resume continues the run of {path} with its config; this run asks for {lines}. "
+                         f"Only {', '.join(RESUMABLE_FIELDS)} may change on resume: drop the other settings, or start "
+                         "a new run in another out_dir")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to ``step`` (lines logged after the checkpoint are redone). A
+    torn last line (a crash mid-write) is dropped with a warning; a bad line elsewhere is an error."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped a torn last line (a crash while it was written): {line[:60]!r}")
+                continue
+            raise ValueError(f"{path}, line {i + 1} is not JSON: {line[:60]!r}") from None
+        if record["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(l + "\n" for l in kept))
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain values (torch.load(weights_only=True))."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states (rank order): each rank's rollouts sample from its own stream."""
+    return all_gather_objects(rng_state())

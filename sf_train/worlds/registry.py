@@ -73,11 +73,17 @@ def resolve_model(config: SFConfig) -> SFConfig:
 
 def load_models_and_task(config: SFConfig, model_dir: str | None = None):
     """(policy, reference, TrainingTask). An embedded task (EMBEDDED_TASKS: "embedded_vqa",
-    "embedded_kv") loads its tiny model's checkpoint; any other task is "package.module:factory",
-    factory(model_dir) -> (policy, reference, TrainingTask)."""
+    "embedded_kv") loads its tiny model's checkpoint; "jsonl" reads SFConfig.data with the model
+    directory's processor (sf_train/worlds/jsonl.py); any other task is "package.module:factory",
+    factory(model_dir) -> (policy, reference, TrainingTask): importing and calling it runs code
+    of the user's choosing, like any Python module they import (docs/scale.md#what-is-trusted)."""
     model_dir = model_dir or resolve_model(config).model
     if config.task in EMBEDDED_TASKS:
         return EMBEDDED_TASKS[config.task].load(model_dir)
+    if config.task == "jsonl" and model_dir:  # your own data (sf_train/worlds/jsonl.py)
+        from .jsonl import load_jsonl
+
+        return load_jsonl(config.data, model_dir, config.correctness, reference=not config.lora_rank)
     if not model_dir:
         raise ValueError(
             f"SFConfig.model is empty: task {config.task!r} is not an embedded task "
