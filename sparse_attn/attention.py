@@ -1,9 +1,10 @@
 """The "sparse_topp" attention function for transformers, and ``enable(model, policy)``.
 
-With a TopPCache behind the call, the prefill attention is dense and exact (SDPA, FlashAttention-2
-first on GPU) and is followed by the layer's selection (top-p, or another rule of the policy);
-later calls attend only to the compact cache. Without one (no cache, a DynamicCache, a vision
-tower) it is plain SDPA.
+With a TopPCache behind the call, the prefill of each layer follows the policy's ``prefill``
+(docs/sparse_prefill.md): "sparse" (the default) selects first and attends only among the
+selected tokens (``sparse_prefill_attention``); "dense" attends exactly (SDPA, FlashAttention-2
+first on GPU) and selects after. Later calls attend only to the compact cache. Without a
+TopPCache (no cache, a DynamicCache, a vision tower) it is plain SDPA.
 """
 
 from __future__ import annotations
@@ -53,14 +54,82 @@ def sparse_topp_attention(
         output = compact_attention(query, key, value, layer.lengths, scale, dropout)
         cache.after_decode_attention(layer_idx, query, scale)
         return output, None
-    output, _ = _dense_attention(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
     num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-    cache.select_after_prefill(
-        layer_idx, query, key_validity(attention_mask), scale, num_layers=num_layers
+    valid = key_validity(attention_mask)
+    if cache.policy.prefill == "dense":
+        output, _ = _dense_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        cache.select_after_prefill(layer_idx, query, valid, scale, num_layers=num_layers)
+        return output, None
+    # Sparse prefill: select first (the scores need only the probes and the keys), then attend
+    # among the kept tokens, whose K / V the compact cache now holds (docs/sparse_prefill.md).
+    cache.select_after_prefill(layer_idx, query, valid, scale, num_layers=num_layers)
+    if keeps_every_token(layer.lengths, valid, key.shape[2]):
+        # T = every valid token (p = 1, FastV's early layers): the exact dense attention is the
+        # same computation, and the dense kernel is bit-identical to prefill="dense".
+        output, _ = _dense_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return output, None
+    output = sparse_prefill_attention(
+        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
+        dropout,
     )
     return output, None
+
+
+def keeps_every_token(lengths: Tensor, valid: Tensor | None, length: int) -> bool:
+    """Every row of ``lengths`` [B, Hkv] (tokens kept) holds all valid tokens of its sequence
+    (``valid`` bool [B, L], or None when none is padding)."""
+    existing = valid.sum(-1, keepdim=True) if valid is not None else length
+    return bool((lengths == existing).all())
+
+
+def sparse_prefill_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    lengths: Tensor,
+    width: int,
+    scale: float,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Prefill attention among each row's kept tokens T (docs/sparse_prefill.md).
+
+    query: [B, Hq, L, D], every prompt position; keys / values: [B, Hkv, >= width, D], the kept
+    tokens of each KV-head row in ascending position (what the compact cache holds); positions:
+    int [B, Hkv, >= width] the prompt position of each kept slot (ascending; anything past the
+    row's length); lengths: int [B, Hkv] kept tokens per row; width: max(lengths). The query heads
+    of KV head h's group use h's set. Returns [B, L, Hq, D]: at a position in T, causal attention
+    over the keys in T (key position <= query position); zero at every other position.
+
+    Cost: a gather of the kept query rows, one SDPA call over width x width rows (never an
+    L x L mask), a scatter of the outputs. Rows holding fewer than ``width`` tokens need no mask:
+    slot order is position order, so the causal mask over slots already hides the slots past a
+    row's length from every used query slot; the outputs of the unused query slots are dropped.
+    """
+    B, Hq, L, D = query.shape
+    Hkv = keys.shape[1]
+    g = Hq // Hkv
+    slots = positions[:, :, :width].long()
+    used = torch.arange(width, device=query.device) < lengths[..., None]  # [B, Hkv, width]
+    rows = torch.where(used, slots, 0).repeat_interleave(g, dim=1)  # [B, Hq, width]
+    q = query.gather(2, rows[..., None].expand(B, Hq, width, D))
+    k = keys[:, :, :width].repeat_interleave(g, dim=1)  # as transformers' repeat_kv
+    v = values[:, :, :width].repeat_interleave(g, dim=1)
+    if query.is_cuda:
+        with sdpa_kernel(FLASH_FIRST, set_priority=True):
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scale
+            )
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    # Unused slots write into an extra column L, cut off after the scatter.
+    target = torch.where(used.repeat_interleave(g, dim=1), rows, L)
+    full = out.new_zeros(B, Hq, L + 1, D).scatter(2, target[..., None].expand(B, Hq, width, D), out)
+    return full[:, :, :L].transpose(1, 2)
 
 
 def compact_attention(

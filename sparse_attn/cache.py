@@ -22,7 +22,6 @@ Qwen-VL mRoPE ``rope_deltas`` are unchanged; ``get_mask_sizes()`` reports the ph
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .handoff import Handoff
 from .ops import cumulative_scores, gather_kv, scatter_kv
 from .policy import TopPPolicy
 from .rules import indices_to_keep_mask, keep_mask_to_indices, select_rows
@@ -168,19 +168,20 @@ class Selection:
 
 # The attention function does not receive the cache (transformers hands it to the attention
 # module, which calls update() and then the attention function), so TopPCache.update leaves a
-# note of the layer it just updated for the attention call that follows it in the same thread.
-_pending = threading.local()
+# note of the layer it just updated for the attention call that follows it in the same thread
+# (sparse_attn.handoff, docs/sparse_prefill.md#handoffs).
+_pending = Handoff("TopPCache layer updated, awaiting its attention call")
 
 
 def take_pending_cache(layer_idx: int | None) -> TopPCache | None:
     """The TopPCache whose layer ``layer_idx`` was updated just before this attention call."""
-    cache = getattr(_pending, "cache", None)
-    if cache is None:
+    note = _pending.take()
+    if note is None:
         return None
-    _pending.cache = None
-    if _pending.layer_idx != layer_idx:
+    cache, noted_layer = note
+    if noted_layer != layer_idx:
         raise RuntimeError(
-            f"TopPCache layer {_pending.layer_idx} was updated, but the next attention call is for "
+            f"TopPCache layer {noted_layer} was updated, but the next attention call is for "
             f"layer {layer_idx}"
         )
     return cache
@@ -216,15 +217,16 @@ class TopPCache(Cache):
         self._padding: Tensor | None = None  # int [B] (CPU): padding tokens of each row
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if getattr(_pending, "cache", None) is self:
-            _pending.cache = None  # the note is stale now; do not let it reach a later call
+        note = _pending.peek()
+        if note is not None and note[0] is self:
+            _pending.take()  # the note is stale now; do not let it reach a later call
             raise RuntimeError(
-                f"TopPCache layer {_pending.layer_idx} was updated but no 'sparse_topp' attention "
+                f"TopPCache layer {note[1]} was updated but no 'sparse_topp' attention "
                 "ran after it: call sparse_attn.enable(model) (or load the model with "
                 "attn_implementation='sparse_topp')"
             )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _pending.cache, _pending.layer_idx = self, layer_idx
+        _pending.put((self, layer_idx))
         return keys, values
 
     def reset(self) -> None:
