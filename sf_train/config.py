@@ -40,6 +40,9 @@ class SFConfig:
     keep_last: int = 16
     granularity: str = "layer"
     prune: str = "all"
+    # "sparse" (ZipVL / the paper): each layer's prefill attends only among its kept tokens;
+    # "dense": exact prefill, then compaction (TopPPolicy.prefill, docs/sparse_prefill.md)
+    prefill: str = "sparse"
     # reward and objective
     efficiency_gate: str = "group"  # "group": the paper's C; "rollout": only correct rollouts
     efficiency_weight: float = 1.0  # r = correct + efficiency_weight * C * (1 - tau); 1 = the paper
@@ -125,7 +128,7 @@ class SFConfig:
 
     def policy(self, p: float) -> TopPPolicy:
         return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
-                          granularity=self.granularity, reselect_every=0, prune=self.prune)
+                          granularity=self.granularity, reselect_every=0, prune=self.prune, prefill=self.prefill)
 
     @staticmethod
     def file_values(path: str | Path) -> dict:

@@ -166,6 +166,20 @@ class Selection:
         return self.kept_visual[has_visual] / self.existed_visual[has_visual, None]
 
 
+@dataclass
+class PromptSelection:
+    """The prompt tokens one layer kept, for a replay of the rollout (sf_train.replay).
+
+    indices: int32 [R, N] kept prompt positions, ascending, then -1 after counts[r]; counts:
+    int32 [R]; R = B (granularity="layer") or B * Hkv (row b * Hkv + h, "kv_head"). prefill: the
+    policy's prefill mode, which tells the replay how the prompt attended.
+    """
+
+    indices: Tensor
+    counts: Tensor
+    prefill: str = "sparse"
+
+
 # The attention function does not receive the cache (transformers hands it to the attention
 # module, which calls update() and then the attention function), so TopPCache.update leaves a
 # note of the layer it just updated for the attention call that follows it in the same thread
@@ -418,6 +432,35 @@ class TopPCache(Cache):
         in_prompt = (positions >= 0) & (positions < prompt_length)
         flat = positions.clamp(0, prompt_length - 1).long().reshape(B, -1)
         return in_prompt & self.visual_mask.gather(1, flat).view(positions.shape)
+
+    def recorded_selections(self, prompt_length: int) -> list[PromptSelection]:
+        """Per layer, the prompt tokens this cache kept (call after generation), for a replay.
+
+        Decoded tokens sit after the kept prompt tokens in each row, at logical positions >=
+        prompt_length, so the prompt part of every row is the prefix of positions < prompt_length.
+        Needs one selection per layer (reselect_every=0).
+        """
+        if self.policy.reselect_every:
+            raise ValueError(
+                "a replay needs one selection per layer: use TopPPolicy(reselect_every=0)"
+            )
+        per_head = self.policy.granularity == "kv_head"
+        selections = []
+        for layer in self.layers:
+            if not layer.is_compact:
+                raise RuntimeError(
+                    "TopPCache has not selected yet: run a prefill through a model with the "
+                    "sparse_topp attention"
+                )
+            positions = layer.positions  # [B, Hkv, C], logical positions, -1 in free slots
+            is_prompt = (positions >= 0) & (positions < prompt_length)
+            rows = positions.flatten(0, 1) if per_head else positions[:, 0]
+            kept = is_prompt.flatten(0, 1) if per_head else is_prompt[:, 0]
+            counts = kept.sum(-1).to(torch.int32)
+            width = max(int(counts.max()), 1)
+            indices = torch.where(kept, rows, -1)[:, :width].to(torch.int32).contiguous()
+            selections.append(PromptSelection(indices, counts, self.policy.prefill))
+        return selections
 
     # --- stats -----------------------------------------------------------------------------------
 
