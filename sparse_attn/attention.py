@@ -49,6 +49,9 @@ def sparse_topp_attention(
     layer_idx = module.layer_idx
     layer = cache.layers[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if layer.is_compact and query.shape[2] > 1:
+        # More than one new token after a selection: a new turn's prompt (docs/sparse_prefill.md).
+        return _new_turn_attention(cache, layer_idx, query, key, value, scale, dropout), None
     if layer.is_compact:
         # transformers' mask indexes the logical sequence; the compact rows need their own.
         output = compact_attention(query, key, value, layer.lengths, scale, dropout)
@@ -79,6 +82,29 @@ def sparse_topp_attention(
     return output, None
 
 
+def _new_turn_attention(cache, layer_idx, query, key, value, scale, dropout):
+    """T > 1 new prompt tokens on a compact layer (a second ``generate`` on the same cache): the
+    layer selects again over its held tokens and the new ones, probed by the new turn's last
+    n_probe queries. "dense": the new tokens attend to everything held, then the selection;
+    "sparse": the selection first, then new tokens in T attend to the keys in T before them and
+    the others get a zero output. A chunked prefill is refused (check_prompt_continues)."""
+    T = query.shape[2]
+    cache.check_prompt_continues(layer_idx, T)
+    layer = cache.layers[layer_idx]
+    held = layer.lengths
+    if cache.policy.prefill == "dense":
+        output = compact_attention(query, key, value, held, scale, dropout)
+        cache.select_new_turn(layer_idx, query, scale)
+        return output
+    cache.select_new_turn(layer_idx, query, scale)
+    if bool((layer.lengths == held).all()):  # every token stays (p = 1): the exact attention
+        return compact_attention(query, key, value, held, scale, dropout)
+    return sparse_prefill_attention(
+        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
+        dropout, start=layer.seen_tokens - T,
+    )
+
+
 def keeps_every_token(lengths: Tensor, valid: Tensor | None, length: int) -> bool:
     """Every row of ``lengths`` [B, Hkv] (tokens kept) holds all valid tokens of its sequence
     (``valid`` bool [B, L], or None when none is padding)."""
@@ -95,14 +121,16 @@ def sparse_prefill_attention(
     width: int,
     scale: float,
     dropout: float = 0.0,
+    start: int = 0,
 ) -> Tensor:
     """Prefill attention among each row's kept tokens T (docs/sparse_prefill.md).
 
-    query: [B, Hq, L, D], every prompt position; keys / values: [B, Hkv, >= width, D], the kept
-    tokens of each KV-head row in ascending position (what the compact cache holds); positions:
-    int [B, Hkv, >= width] the prompt position of each kept slot (ascending; anything past the
-    row's length); lengths: int [B, Hkv] kept tokens per row; width: max(lengths). The query heads
-    of KV head h's group use h's set. Returns [B, L, Hq, D]: at a position in T, causal attention
+    query: [B, Hq, L, D], the prompt positions start .. start + L - 1; keys / values:
+    [B, Hkv, >= width, D], the kept tokens of each KV-head row in ascending position (what the
+    compact cache holds, possibly tokens before ``start`` too: a new turn); positions: int
+    [B, Hkv, >= width] the logical position of each kept slot (ascending; anything past the row's
+    length); lengths: int [B, Hkv] kept tokens per row; width: max(lengths). The query heads of
+    KV head h's group use h's set. Returns [B, L, Hq, D]: at a position in T, causal attention
     over the keys in T (key position <= query position); zero at every other position.
 
     Cost: a gather of the kept query rows, one SDPA call over width x width rows (never an
@@ -113,9 +141,10 @@ def sparse_prefill_attention(
     B, Hq, L, D = query.shape
     Hkv = keys.shape[1]
     g = Hq // Hkv
-    slots = positions[:, :, :width].long()
+    slots = positions[:, :, :width].long() - start
     used = torch.arange(width, device=query.device) < lengths[..., None]  # [B, Hkv, width]
-    rows = torch.where(used, slots, 0).repeat_interleave(g, dim=1)  # [B, Hq, width]
+    is_query = used & (slots >= 0)  # slots before `start` are keys only (their queries: dropped)
+    rows = torch.where(is_query, slots, 0).repeat_interleave(g, dim=1)  # [B, Hq, width]
     q = query.gather(2, rows[..., None].expand(B, Hq, width, D))
     k = keys[:, :, :width].repeat_interleave(g, dim=1)  # as transformers' repeat_kv
     v = values[:, :, :width].repeat_interleave(g, dim=1)
@@ -127,7 +156,7 @@ def sparse_prefill_attention(
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
     # Unused slots write into an extra column L, cut off after the scatter.
-    target = torch.where(used.repeat_interleave(g, dim=1), rows, L)
+    target = torch.where(is_query.repeat_interleave(g, dim=1), rows, L)
     full = out.new_zeros(B, Hq, L + 1, D).scatter(2, target[..., None].expand(B, Hq, width, D), out)
     return full[:, :, :L].transpose(1, 2)
 

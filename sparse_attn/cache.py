@@ -229,6 +229,9 @@ class TopPCache(Cache):
         # bool [B, L]: which prompt tokens are image / video tokens; set by enable()'s hook.
         self.visual_mask: Tensor | None = None
         self._padding: Tensor | None = None  # int [B] (CPU): padding tokens of each row
+        # layer -> its logical length when it last selected over prompt tokens (the prefill or a
+        # new turn): more prompt tokens right after that are a prompt split over forwards.
+        self._prompt_end: dict[int, int] = {}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         note = _pending.peek()
@@ -282,6 +285,33 @@ class TopPCache(Cache):
             layer.keys,
             layer.values,
         )
+        self._prompt_end[layer_idx] = layer.seen_tokens
+
+    def check_prompt_continues(self, layer_idx: int, new_tokens: int) -> None:
+        """Refuse ``new_tokens`` > 1 prompt tokens arriving right after the layer's selection over
+        a prompt (nothing decoded in between): a prompt split over several forwards, e.g.
+        generate(prefill_chunk_size=...), which would select from its first chunk only."""
+        end = self._prompt_end.get(layer_idx)
+        if new_tokens > 1 and end is not None and self.layers[layer_idx].seen_tokens - new_tokens == end:
+            raise RuntimeError(
+                "TopPCache selects once the whole prompt is in, in one forward: it received "
+                f"{new_tokens} more prompt tokens right after selecting over the first {end} "
+                "(a chunked prefill, e.g. generate(prefill_chunk_size=...)); pass the prompt in "
+                "one forward (prefill_chunk_size=None), docs/sparse_prefill.md#new-turns"
+            )
+
+    def select_new_turn(self, layer_idx: int, query: Tensor, scale: float) -> None:
+        """Select again over every held token and the new turn's tokens (the layer's compact rows
+        already end with them): the new turn's last n_probe queries score the rows, the rule
+        keeps the set (docs/sparse_prefill.md#new-turns)."""
+        layer = self.layers[layer_idx]
+        S = layer.max_length
+        valid = torch.arange(S, device=layer.device) < layer.lengths[..., None]
+        scores = None
+        if self._selects_itself(layer_idx):
+            scores = self._probe_scores(layer, query[:, :, -self.policy.n_probe :], scale)
+        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+        self._prompt_end[layer_idx] = layer.seen_tokens
 
     def after_decode_attention(self, layer_idx: int, query: Tensor, scale: float) -> None:
         """Keep the decoded queries as probes and re-select every ``reselect_every`` tokens."""
@@ -304,9 +334,17 @@ class TopPCache(Cache):
         if not self._selects_itself(layer_idx):
             self._select(layer_idx, None, valid, layer.positions[..., :S], layer.keys, layer.values)
             return
+        scores = self._probe_scores(layer, layer.probe_queries, scale)
+        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+
+    @staticmethod
+    def _probe_scores(layer: TopPLayer, probes: Tensor, scale: float) -> Tensor:
+        """float [B, Hkv, S]: cumulative scores of a compact layer's held slots from ``probes``
+        [B, Hq, n, D], the newest n tokens of every row; 0 past a row's length."""
+        S = layer.max_length
         keys = layer.keys[:, :, :S]
         B, Hkv = layer.lengths.shape
-        g = layer.probe_queries.shape[1] // Hkv
+        g = probes.shape[1] // Hkv
         # The probes are the newest tokens of every row, but cumulative_scores places probe i at
         # key position Lk - n_probes + i in all rows: rows of different lengths are scored apart.
         scores = torch.zeros(B, Hkv, S, dtype=torch.float32, device=layer.device)
@@ -314,15 +352,15 @@ class TopPCache(Cache):
             if len(set(row_lengths)) == 1:
                 n = row_lengths[0]
                 scores[b, :, :n] = cumulative_scores(
-                    layer.probe_queries[b : b + 1], keys[b : b + 1, :, :n], scale=scale
+                    probes[b : b + 1], keys[b : b + 1, :, :n], scale=scale
                 )[0]
                 continue
             for h, n in enumerate(row_lengths):
-                q = layer.probe_queries[b : b + 1, h * g : (h + 1) * g]
+                q = probes[b : b + 1, h * g : (h + 1) * g]
                 scores[b, h, :n] = cumulative_scores(
                     q, keys[b : b + 1, h : h + 1, :n], scale=scale
                 )[0, 0]
-        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+        return scores
 
     def shared_layer(self) -> int | None:
         """The layer whose selection every later layer keeps: policy.shared_from_layer clipped

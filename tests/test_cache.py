@@ -446,7 +446,7 @@ def masked_dense_logits(model, input_ids, position_ids, prompt_mask, visible):
 def test_decode_equals_dense_forward_with_dropped_tokens_masked(family, policy):
     model, inputs = make_model(family), make_inputs(family, 3)
     cache = TopPCache(policy, reserve=2)
-    chunks = [1, 3, 1, 1, 2]  # forwards of several tokens too: causal among the new tokens
+    chunks = [1, 3, 1, 1, 2]  # new turns too (forwards of several tokens): causal among the new
     input_ids, position_ids, logits, visible = decode_loop(enable(model), inputs, cache, chunks)
     assert (
         visible[0][:, :, 0].sum() < inputs["attention_mask"].sum() * visible[0].shape[1]
@@ -455,11 +455,15 @@ def test_decode_equals_dense_forward_with_dropped_tokens_masked(family, policy):
         model, input_ids, position_ids, inputs["attention_mask"], visible
     )
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    # Reselection runs once reselect_every tokens were decoded since the previous selection.
+    # A forward of several tokens is a new turn, which selects again (docs/sparse_prefill.md);
+    # reselection runs once reselect_every tokens were decoded since the previous selection.
     selections, since = 1, 0
-    for T in chunks if policy.reselect_every else []:
+    for T in chunks:
+        if T > 1:
+            selections, since = selections + 1, 0
+            continue
         since += T
-        if since >= policy.reselect_every:
+        if policy.reselect_every and since >= policy.reselect_every:
             selections, since = selections + 1, 0
     assert len(cache.selections) == model.config.num_hidden_layers * selections
 

@@ -214,3 +214,71 @@ def test_sparse_prefill_needs_the_last_position():
     with pytest.raises(ValueError, match="TopPPolicy.prefill"):
         TopPPolicy(prefill="flash")
     assert TopPPolicy(keep_last=0, prefill="dense").keep_last == 0
+
+
+# --- prompt tokens after the first prefill ---------------------------------------------------
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_chunked_prefill_is_refused(prefill):
+    """A 64-token prompt in chunks of 16 would select from the first chunk only and report the
+    later chunks as kept (token ratio 1.0 for keep_last=16): refused instead."""
+    model = make_model("qwen2")
+    inputs = {"input_ids": torch.randint(1, 100, (1, 64), generator=torch.Generator().manual_seed(3))}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    policy = TopPPolicy(p=0.5, n_probe=8, keep_first=1, keep_last=16, prefill=prefill)
+    with pytest.raises(RuntimeError, match="chunked prefill"):
+        enable(model).generate(**inputs, **{cache_argument(model): TopPCache(policy)}, max_new_tokens=2,
+                               pad_token_id=0, prefill_chunk_size=16)
+    cache = TopPCache(policy)  # in one forward: it prunes
+    model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=2, pad_token_id=0)
+    assert cache.token_ratio < 0.9
+
+
+def two_turns(model, inputs, cache, new_tokens=9):
+    """generate a first turn, append new prompt tokens, generate a second turn on the same cache."""
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    first = model.generate(**inputs, **{cache_argument(model): cache}, **kw)
+    B = first.shape[0]
+    new = torch.randint(1, 100, (B, new_tokens), generator=torch.Generator().manual_seed(4))
+    conversation = torch.cat([first, new], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(B, conversation.shape[1] - inputs["input_ids"].shape[1],
+                                                            dtype=torch.long)], 1)
+    second = model.generate(input_ids=conversation, attention_mask=mask, **{cache_argument(model): cache}, **kw)
+    return first, second, mask
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_second_turn_at_p1_equals_dense(prefill):
+    from transformers import DynamicCache
+
+    model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
+    dense = two_turns(model, inputs, DynamicCache(config=model.config))
+    sparse = two_turns(enable(model), inputs, TopPCache(TopPPolicy(p=1.0, prefill=prefill), reserve=2))
+    torch.testing.assert_close(sparse[1], dense[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kv_head"])
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_second_turn_selects_again(prefill, granularity):
+    """Every layer selects again over what it held and the new turn's tokens; the stats count
+    what the cache holds then, out of every token of the conversation."""
+    model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
+    policy = TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prefill=prefill, granularity=granularity)
+    cache = TopPCache(policy, reserve=2)
+    first, second, mask = two_turns(enable(model), inputs, cache)
+    n_layers = model.config.num_hidden_layers
+    conversation = mask.shape[1]
+    assert len(cache.selections) == 2 * n_layers
+    first_held = None
+    for selection in cache.selections[n_layers:]:
+        assert selection.seen_tokens == conversation
+        assert torch.equal(selection.existed, mask.sum(-1))
+        held = held_positions(cache.layers[selection.layer_idx], second.shape[1])[..., :conversation]
+        assert torch.equal(held.sum(-1), selection.kept)
+        assert held[..., first.shape[1]:].any()  # new-turn tokens are kept ...
+        assert held[..., conversation - policy.keep_last:].all()  # ... the last ones always
+        first_held = held
+    assert first_held is not None and cache.token_ratio < 0.95
+    assert cache.token_ratio == pytest.approx(
+        sum(float((s.kept / s.existed[:, None]).mean()) for s in cache.selections[n_layers:]) / n_layers)
