@@ -144,21 +144,31 @@ def sparse_prefill_attention(
     slots = positions[:, :, :width].long() - start
     used = torch.arange(width, device=query.device) < lengths[..., None]  # [B, Hkv, width]
     is_query = used & (slots >= 0)  # slots before `start` are keys only (their queries: dropped)
+    # Rows of D contiguous values in the [B, L, Hq, D] layout that transformers' projections
+    # produce (query is its transpose): whole-row copies (index_select / index_copy) instead of
+    # an element-wise gather; index (b, l, r) -> (b * L + l) * Hq + r.
+    heads = torch.arange(Hq, device=query.device)[:, None]  # [Hq, 1]
     rows = torch.where(is_query, slots, 0).repeat_interleave(g, dim=1)  # [B, Hq, width]
-    q = query.gather(2, rows[..., None].expand(B, Hq, width, D))
-    k = keys[:, :, :width].repeat_interleave(g, dim=1)  # as transformers' repeat_kv
-    v = values[:, :, :width].repeat_interleave(g, dim=1)
+    batch = torch.arange(B, device=query.device)[:, None, None] * L
+    flat = (batch + rows) * Hq + heads  # [B, Hq, width]
+    q = query.transpose(1, 2).reshape(B * L * Hq, D).index_select(0, flat.view(-1))
+    q = q.view(B, Hq, width, D)
+    k, v = keys[:, :, :width], values[:, :, :width]
+    # GQA inside SDPA (as transformers' SDPA path without a mask): no repeated K / V copies.
+    sdpa = partial(
+        F.scaled_dot_product_attention, dropout_p=dropout, is_causal=True, scale=scale,
+        enable_gqa=g > 1,
+    )
     if query.is_cuda:
         with sdpa_kernel(FLASH_FIRST, set_priority=True):
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, scale=scale
-            )
+            out = sdpa(q, k, v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
-    # Unused slots write into an extra column L, cut off after the scatter.
-    target = torch.where(is_query.repeat_interleave(g, dim=1), rows, L)
-    full = out.new_zeros(B, Hq, L + 1, D).scatter(2, target[..., None].expand(B, Hq, width, D), out)
-    return full[:, :, :L].transpose(1, 2)
+        out = sdpa(q, k, v)
+    # Unused query slots write into an extra row B * L * Hq, cut off after the copy.
+    target = torch.where(is_query.repeat_interleave(g, dim=1), flat, B * L * Hq)
+    full = out.new_zeros(B * L * Hq + 1, D)
+    full.index_copy_(0, target.view(-1), out.reshape(-1, D))
+    return full[:-1].view(B, L, Hq, D)
 
 
 def compact_attention(
