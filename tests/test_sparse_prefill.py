@@ -282,3 +282,40 @@ def test_second_turn_selects_again(prefill, granularity):
     assert first_held is not None and cache.token_ratio < 0.95
     assert cache.token_ratio == pytest.approx(
         sum(float((s.kept / s.existed[:, None]).mean()) for s in cache.selections[n_layers:]) / n_layers)
+
+
+# --- the hand-off to the attention function ----------------------------------------------------
+
+
+def test_handoff_nested_blocks_restore_the_outer_value():
+    import threading
+
+    from sparse_attn.handoff import Handoff
+
+    slot = Handoff("test")
+    assert slot.peek() is None
+    with slot.holding("outer"):
+        with slot.holding("inner"):
+            assert slot.peek() == "inner"
+        assert slot.peek() == "outer"
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(slot.peek()))  # thread-local
+        worker.start()
+        worker.join()
+        assert seen == [None]
+        with pytest.raises(KeyError), slot.holding("failing"):
+            raise KeyError
+        assert slot.peek() == "outer"
+    assert slot.peek() is None
+    slot.put("note")
+    assert slot.take() == "note" and slot.take() is None
+
+
+def test_nested_replay_restores_the_outer_replay():
+    from sf_train.replay import _replay, replaying
+
+    with replaying([], 5) as outer:
+        with replaying([], 7, probe_scores=2) as inner:
+            assert _replay.peek() is inner and inner.prompt_length == 7
+        assert _replay.peek() is outer
+    assert _replay.peek() is None
