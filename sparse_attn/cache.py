@@ -2,16 +2,19 @@
 - or the tokens another rule of TopPPolicy keeps (top_k, threshold, FastV-style layer sharing).
 
 Life of a layer:
-  1. prefill: ``update`` stores the prompt's K/V densely, and the prefill attention is exact;
-  2. right after that attention, the "sparse_topp" attention function (sparse_attn.attention)
-     calls ``select_after_prefill``: the last probe queries score the keys (cumulative_scores),
-     the policy's rule picks the tokens (topp_select for top-p; sparse_attn.rules) and gather_kv
-     compacts them into [B, Hkv, C, D] buffers with room for the tokens still to come. With
-     ``shared_from_layer`` = K, layers other than K skip the scoring: layers < K keep every
-     token, layers > K the positions layer K kept;
+  1. prefill: ``update`` stores the prompt's K/V densely;
+  2. the "sparse_topp" attention function (sparse_attn.attention) calls
+     ``select_after_prefill`` - before the layer's attention under TopPPolicy(prefill="sparse"),
+     which then attends only among the kept tokens, after an exact dense attention under
+     prefill="dense" (docs/sparse_prefill.md): the last probe queries score the keys
+     (cumulative_scores), the policy's rule picks the tokens (topp_select for top-p;
+     sparse_attn.rules) and gather_kv compacts them into [B, Hkv, C, D] buffers with room for
+     the tokens still to come. With ``shared_from_layer`` = K, layers other than K skip the
+     scoring: layers < K keep every token, layers > K the positions layer K kept;
   3. decode: ``update`` writes each new token at its row's physical length (scatter_kv), and
      the attention reads only the compact buffers. With ``reselect_every`` the selection re-runs
-     over the compact cache every N decoded tokens.
+     over the compact cache every N decoded tokens. A later forward of several tokens is a new
+     turn and selects again (``select_new_turn``); a prompt split over forwards is refused.
 Rows keep different numbers of tokens (batch rows, and KV heads with granularity="kv_head"), so
 a compact layer tracks ``lengths`` [B, Hkv]; the slots of a row past its length are zero and
 masked.
