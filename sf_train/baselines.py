@@ -56,7 +56,7 @@ RULES = {
     "threshold": Rule("threshold", "threshold",
                       lambda c, t: _config_policy(c, rule="threshold", threshold=t),
                       (1e-3, 1e3), False, (2.0, 1.0, 0.75, 0.5, 0.25), geometric=True),
-    "fastv": Rule("fastv", "keep_ratio", lambda c, r: TopPPolicy.fastv(r), (1e-3, 1.0), True,
+    "fastv": Rule("fastv", "keep_ratio", lambda c, r: TopPPolicy.fastv(r, prefill=c.prefill), (1e-3, 1.0), True,
                   (0.1, 0.25, 0.5, 0.75, 0.9)),
 }
 

@@ -140,6 +140,9 @@ class SFConfig:
     keep_last: int = _field(16, "TopPPolicy: the last valid tokens always kept (local window)")
     granularity: str = _field("layer", "TopPPolicy: 'layer' (one budget per layer, the paper's) or 'kv_head'")
     prune: str = _field("all", "TopPPolicy: 'all' (every token a candidate) or 'visual' (image / video tokens only)")
+    prefill: str = _field("sparse", "TopPPolicy: 'sparse' (ZipVL, the paper's: each layer's prefill attends only "
+                          "among its kept tokens) or 'dense' (exact prefill, then compaction); "
+                          "docs/sparse_prefill.md")
     # reward and objective
     efficiency_gate: str = _field("group", "C of the reward: 'group' (the paper's: 1 if any rollout of the "
                                   "group is correct) or 'rollout' (only correct rollouts)")
@@ -266,7 +269,7 @@ class SFConfig:
 
     def policy(self, p: float) -> TopPPolicy:
         return TopPPolicy(p=p, n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
-                          granularity=self.granularity, reselect_every=0, prune=self.prune)
+                          granularity=self.granularity, reselect_every=0, prune=self.prune, prefill=self.prefill)
 
     @classmethod
     def help_text(cls) -> str:

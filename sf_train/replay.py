@@ -1,25 +1,36 @@
 """Inference-consistent training forward: replay each rollout's recorded selections.
 
-During a rollout the TopPCache keeps, per layer, the top-p prompt tokens chosen right after the
-prefill; every completion token then attends to those tokens plus the completion so far. The
-training forward over [prompt + completion] reproduces exactly that: prompt positions attend
-densely and causally (as the prefill did), completion positions attend to the recorded kept
-prompt tokens - compacted with the same gather_kv op, so gradients flow into the kept keys and
-values - plus the earlier completion tokens. With unchanged weights its log-probs equal the
-rollout's (tests/test_replay.py).
+During a rollout the TopPCache keeps, per layer, the prompt tokens the policy's rule selected in
+the prefill; every completion token then attends to those tokens plus the completion so far. The
+training forward over [prompt + completion] reproduces exactly that (docs/sparse_prefill.md#replay):
+
+- the prompt attends as the rollout's prefill did, which the recorded policy names
+  (PromptSelection.prefill): under prefill="sparse", each layer's prompt positions in the kept set
+  T attend causally to T only and the others get a zero attention output - the same
+  sparse_prefill_attention the rollout ran, on keys / values gathered with gather_kv (so gradients
+  flow into the kept ones); under prefill="dense", densely and causally;
+- completion positions attend to the recorded kept prompt tokens, compacted with the same
+  gather_kv op, plus the earlier completion tokens.
+
+With unchanged weights its log-probs equal the rollout's (tests/test_replay.py).
 
 The recorded selection is a constant of that forward, so no gradient says which prompt tokens the
 completion needed. With a SelectionGradient (beyond the paper, SFConfig.selection_gradient) the
 completion attends to every prompt key with a weight that is the recorded 0/1 mask in value and,
 in gradient, a sigmoid of each candidate's probe score (log-space, against the row's lowest kept
 candidate): a straight-through estimator. The forward, and so the log-probs, are unchanged; the
-loss then raises the probe attention of dropped tokens the completion would have used.
+loss then raises the probe attention of dropped tokens the completion would have used. Under the
+sparse prefill the straight-through mask acts on the completion's attention only: the prompt's
+own attention among T replays the recorded set as a constant.
+
+``replaying(..., probe_scores=n_probe)`` also collects, per layer, the differentiable cumulative
+attention scores of the prompt's last n_probe positions in this forward (what the rollout's
+selection ranked, under the sparse prefill too): SFConfig.soft_tau_weight's smoothed token ratio.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,52 +40,28 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_attn import gather_kv
-from sparse_attn.attention import key_validity
-from sparse_attn.cache import TopPCache
+from sparse_attn.attention import key_validity, keeps_every_token, sparse_prefill_attention
+from sparse_attn.cache import PromptSelection
+from sparse_attn.handoff import Handoff
 from sparse_attn.reference import cumulative_scores, forced_positions
 from sparse_attn.rules import indices_to_keep_mask
 
 REPLAY_ATTENTION = "sparse_topp_replay"
 
-
-@dataclass
-class LayerSelection:
-    """The prompt tokens one layer kept for a batch: int32 indices [R, N] (ascending, -1 after
-    counts[r]) and counts [R], with R = B (one budget per layer) or B * Hkv (per KV head)."""
-
-    indices: Tensor
-    counts: Tensor
+# The prompt tokens one layer kept (TopPCache.recorded_selections); the name sf_train used.
+LayerSelection = PromptSelection
 
 
-def recorded_selections(cache: TopPCache, prompt_length: int) -> list[LayerSelection]:
-    """Per layer, the prompt tokens a rollout's cache kept (call after generation).
-
-    Decoded tokens sit after the kept prompt tokens in each row, at logical positions >=
-    prompt_length, so the prompt part of every row is the prefix of positions < prompt_length.
-    """
-    if cache.policy.reselect_every:
-        raise ValueError("replay needs one selection per layer: use TopPPolicy(reselect_every=0)")
-    per_head = cache.policy.granularity == "kv_head"
-    selections = []
-    for layer in cache.layers:
-        positions = layer.positions  # [B, Hkv, C], logical positions, -1 in free slots
-        is_prompt = (positions >= 0) & (positions < prompt_length)
-        rows = positions.flatten(0, 1) if per_head else positions[:, 0]
-        kept = is_prompt.flatten(0, 1) if per_head else is_prompt[:, 0]
-        counts = kept.sum(-1).to(torch.int32)
-        width = max(int(counts.max()), 1)
-        indices = torch.where(kept, rows, -1)[:, :width].to(torch.int32).contiguous()
-        selections.append(LayerSelection(indices, counts))
-    return selections
-
-
-def concat_selections(selections: list[list[LayerSelection]]) -> list[LayerSelection]:
+def concat_selections(selections: list[list[PromptSelection]]) -> list[PromptSelection]:
     """Stack the per-layer selections of several rollout batches into one batch."""
     merged = []
     for layer_parts in zip(*selections):
+        modes = {part.prefill for part in layer_parts}
+        if len(modes) != 1:
+            raise ValueError(f"cannot replay rollouts of different prefill modes in one batch: {sorted(modes)}")
         width = max(part.indices.shape[1] for part in layer_parts)
         indices = torch.cat([F.pad(part.indices, (0, width - part.indices.shape[1]), value=-1) for part in layer_parts])
-        merged.append(LayerSelection(indices, torch.cat([part.counts for part in layer_parts])))
+        merged.append(PromptSelection(indices, torch.cat([part.counts for part in layer_parts]), modes.pop()))
     return merged
 
 
@@ -89,42 +76,87 @@ class SelectionGradient:
     temperature: float = 1.0
 
 
-_active = threading.local()
+@dataclass
+class ReplayState:
+    """What the replay attention needs during one ``replaying`` block (see ``replaying``)."""
+
+    selections: list[PromptSelection]
+    prompt_length: int
+    gradient: SelectionGradient | None = None
+    probe_scores: int | None = None  # n_probe: collect each layer's probe scores
+    scores: list[Tensor] = field(default_factory=list)  # per layer: float [N, P], summed over KV heads
+
+
+# transformers does not pass extra state to an attention function: the block hands it over
+# (sparse_attn.handoff); a nested block restores the outer state when it ends.
+_replay = Handoff("replay of recorded selections")
 
 
 @contextmanager
-def replaying(selections: list[LayerSelection], prompt_length: int, gradient: SelectionGradient | None = None):
+def replaying(selections: list[PromptSelection], prompt_length: int, gradient: SelectionGradient | None = None,
+              *, probe_scores: int | None = None):
     """Within this block, forwards of a model using the replay attention replay ``selections``
     (one per decoder layer) over sequences whose first ``prompt_length`` positions are the
-    prompt; with ``gradient``, through a straight-through keep mask."""
-    _active.state = (selections, prompt_length, gradient)
-    try:
-        yield
-    finally:
-        _active.state = None
+    prompt; with ``gradient``, through a straight-through keep mask. With ``probe_scores`` =
+    n_probe, the yielded ReplayState's ``scores`` collects each layer's differentiable probe
+    scores of the prompt (float [N, prompt_length], summed over KV heads, 0 at padding)."""
+    with _replay.holding(ReplayState(selections, prompt_length, gradient, probe_scores)) as state:
+        yield state
 
 
 def replay_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: dense for the prompt, recorded selection for the rest."""
-    state = getattr(_active, "state", None)
+    """transformers attention function: the rollout's prefill for the prompt (sparse or dense),
+    the recorded selection for the completion."""
+    state = _replay.peek()
     layer_idx = getattr(module, "layer_idx", None)
     if state is None or layer_idx is None:  # not replaying, or a vision-tower attention
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    selections, P, gradient = state
-    selection = selections[layer_idx]
+    P, gradient = state.prompt_length, state.gradient
+    selection = state.selections[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     prompt_mask = None if attention_mask is None else attention_mask[:, :, :P, :P]
-    prompt_out, _ = sdpa_attention_forward(
-        module, query[:, :, :P], key[:, :, :P], value[:, :, :P], prompt_mask, dropout=dropout, scaling=scale, **kwargs
-    )
+    valid = key_validity(prompt_mask)
+    if selection.prefill == "sparse":
+        prompt_out = _sparse_prompt_attention(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], prompt_mask,
+                                              valid, selection, scale, dropout, **kwargs)
+    else:
+        prompt_out, _ = sdpa_attention_forward(
+            module, query[:, :, :P], key[:, :, :P], value[:, :, :P], prompt_mask, dropout=dropout, scaling=scale,
+            **kwargs
+        )
+    if state.probe_scores is not None:
+        B = query.shape[0]
+        key_mask = torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
+        probes = query[:, :, :P][:, :, -state.probe_scores:]
+        state.scores.append(cumulative_scores(probes, key[:, :, :P], scale=scale, key_mask=key_mask).sum(1))
     if gradient is None:
         completion_out = _completion_attention(query[:, :, P:], key, value, P, selection, scale, dropout)
     else:
         if dropout:
             raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
-        keep = _layer_keep(query[:, :, :P], key[:, :, :P], key_validity(prompt_mask), selection, scale, gradient)
+        keep = _layer_keep(query[:, :, :P], key[:, :, :P], valid, selection, scale, gradient)
         completion_out = _weighted_completion_attention(query[:, :, P:], key, value, keep, scale)
     return torch.cat([prompt_out, completion_out], dim=1), None
+
+
+def _sparse_prompt_attention(module, query, key, value, prompt_mask, valid, selection: PromptSelection, scale,
+                             dropout, **kwargs):
+    """The rollout's sparse prefill of one layer over the prompt [B, Hq, P, D]: what
+    sparse_attn.attention ran, on the recorded kept set (gathered with gather_kv)."""
+    B, _, P, _ = query.shape
+    Hkv = key.shape[1]
+    counts = selection.counts.to(query.device)
+    indices = selection.indices.to(query.device)
+    N = indices.shape[1]
+    if indices.shape[0] == B:  # one set per layer, shared by the KV heads
+        positions, lengths = indices[:, None].expand(B, Hkv, N), counts[:, None].expand(B, Hkv)
+    else:
+        positions, lengths = indices.view(B, Hkv, N), counts.view(B, Hkv)
+    if keeps_every_token(lengths, valid, P):  # as the rollout's prefill: T = every valid token
+        out, _ = sdpa_attention_forward(module, query, key, value, prompt_mask, dropout=dropout, scaling=scale, **kwargs)
+        return out
+    kept_k, kept_v = gather_kv(key.contiguous(), value.contiguous(), indices, counts, capacity=N)
+    return sparse_prefill_attention(query, kept_k, kept_v, positions, lengths, int(lengths.max()), scale, dropout)
 
 
 def straight_through_keep(scores: Tensor, kept: Tensor, valid: Tensor, forced: Tensor, temperature: float) -> Tensor:
@@ -142,7 +174,7 @@ def straight_through_keep(scores: Tensor, kept: Tensor, valid: Tensor, forced: T
     return kept.to(soft.dtype) + (soft - soft.detach())
 
 
-def _layer_keep(query, key, valid, selection: LayerSelection, scale, gradient: SelectionGradient) -> Tensor:
+def _layer_keep(query, key, valid, selection: PromptSelection, scale, gradient: SelectionGradient) -> Tensor:
     """float [B, P]: one layer's straight-through keep mask, from the prompt's probe attention
     recomputed differentiably (the cumulative_scores op's plain-PyTorch definition)."""
     B, _, P, _ = query.shape
@@ -175,7 +207,7 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
     return out.to(query.dtype).view(B, Hq, T, D).transpose(1, 2)
 
 
-def _completion_attention(query, key, value, P, selection: LayerSelection, scale, dropout):
+def _completion_attention(query, key, value, P, selection: PromptSelection, scale, dropout):
     """Completion queries [B, Hq, T, D] over the kept prompt tokens + the completion so far."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]

@@ -12,7 +12,7 @@ from sparse_attn.attention import cache_argument
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 
-from .replay import LayerSelection, recorded_selections
+from sparse_attn.cache import PromptSelection
 
 @dataclass
 class Rollouts:
@@ -25,7 +25,7 @@ class Rollouts:
     token_ratio: Tensor  # float [B]: tau of each rollout
     visual_token_ratio: float | None
     layer_ratios: list[float]
-    selections: list[LayerSelection]  # per layer: the prompt tokens kept
+    selections: list[PromptSelection]  # per layer: the prompt tokens kept, and the prefill mode
 
 
 def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
@@ -81,5 +81,5 @@ def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos
         token_ratio=cache.row_token_ratios.to(torch.float32),
         visual_token_ratio=cache.visual_token_ratio,
         layer_ratios=cache.layer_ratios,
-        selections=recorded_selections(cache, P),
+        selections=cache.recorded_selections(P),
     )

@@ -132,12 +132,24 @@ class SparsityForcingTrainer:
             self.policy.set_attn_implementation(REPLAY_ATTENTION)
             self.policy.train()
 
-    def soft_tau(self, inputs: dict) -> Tensor:
-        """[B] the smoothed token ratio of each prompt over the p grid, differentiable in the weights."""
+    def soft_tau(self, inputs: dict, replayed_scores: list[Tensor] | None = None) -> Tensor:
+        """[B] the smoothed token ratio of each prompt over the p grid, differentiable in the weights.
+
+        Under the dense prefill every rollout's selection scores the dense model's probe attention,
+        the same for every p: one dense forward of the prompts. Under the sparse prefill each
+        layer's scores depend on what the earlier layers kept at that rollout's p: the training
+        forward's replay collects them (``replayed_scores``, per layer [G * B, P], p-major rows),
+        and each rollout's smoothed ratio is taken at its own p."""
         cfg = self.config
-        scores = probe_scores(self.policy, inputs, cfg.n_probe)
-        return soft_token_ratio(scores, inputs["attention_mask"].bool(), cfg.policy(cfg.deploy_p), cfg.p_grid,
-                                cfg.soft_tau_temperature)
+        valid = inputs["attention_mask"].bool()
+        if replayed_scores is None:
+            scores = probe_scores(self.policy, inputs, cfg.n_probe)
+            return soft_token_ratio(scores, valid, cfg.policy(cfg.deploy_p), cfg.p_grid, cfg.soft_tau_temperature)
+        scores = torch.stack(replayed_scores)  # [n_layers, G * B, P]
+        B = valid.shape[0]
+        per_p = [soft_token_ratio(scores[:, g * B:(g + 1) * B], valid, cfg.policy(cfg.deploy_p), [p],
+                                  cfg.soft_tau_temperature) for g, p in enumerate(cfg.p_grid)]
+        return torch.stack(per_p).mean(0)
 
     def train_step(self) -> dict[str, float]:
         cfg, task = self.config, self.task
@@ -155,8 +167,11 @@ class SparsityForcingTrainer:
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
         logp_ref = self.reference_logp(batch)
+        # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
+        replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
         for _ in range(cfg.inner_epochs):
-            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
+            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient(),
+                           probe_scores=replay_scores) as replay:
                 logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
             loss, stats = grpo_loss(
                 logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
@@ -165,7 +180,7 @@ class SparsityForcingTrainer:
             )
             if cfg.soft_tau_weight:  # the efficiency reward's pathwise gradient, gated like the reward
                 gate = efficiency_gate(correct, cfg.efficiency_gate).mean(1).to(self.device)
-                soft_tau = self.soft_tau(inputs)
+                soft_tau = self.soft_tau(inputs, replay.scores if replay_scores else None)
                 loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
             self.optimizer.zero_grad(set_to_none=True)
             # Under gradient checkpointing the layers recompute their forward during backward: it

@@ -1,9 +1,10 @@
 """The "sparse_topp" attention function for transformers, and ``enable(model, policy)``.
 
-With a TopPCache behind the call, the prefill attention is dense and exact (SDPA, FlashAttention-2
-first on GPU) and is followed by the layer's selection (top-p, or another rule of the policy);
-later calls attend only to the compact cache. Without one (no cache, a DynamicCache, a vision
-tower) it is plain SDPA.
+With a TopPCache behind the call, the prefill of each layer follows the policy's ``prefill``
+(docs/sparse_prefill.md): "sparse" (the default) selects first and attends only among the
+selected tokens (``sparse_prefill_attention``); "dense" attends exactly (SDPA, FlashAttention-2
+first on GPU) and selects after. Later calls attend only to the compact cache. Without a
+TopPCache (no cache, a DynamicCache, a vision tower) it is plain SDPA.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def sparse_topp_attention(
     layer = cache.layers[layer_idx]
     _check_window(kwargs.get("sliding_window"), layer_idx, layer.seen_tokens)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if layer.is_compact and query.shape[2] > 1:
+        # More than one new token after a selection: a new turn's prompt (docs/sparse_prefill.md).
+        return _new_turn_attention(cache, layer_idx, query, attention_mask, scale, dropout), None
     if layer.is_compact:
         # transformers' mask of a compact layer covers the new tokens only (TopPLayer.
         # get_mask_sizes): their padding leaves the cache, the rest attends to the compact rows.
@@ -60,14 +64,127 @@ def sparse_topp_attention(
         output = compact_decode(query, layer, key, value, valid, scale, dropout)
         cache.after_decode_attention(layer_idx, query, scale)
         return output, None
-    output, _ = _dense_attention(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
     num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-    cache.select_after_prefill(
-        layer_idx, query, key_validity(attention_mask), scale, num_layers=num_layers
+    valid = key_validity(attention_mask)
+    if cache.policy.prefill == "dense":
+        output, _ = _dense_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        cache.select_after_prefill(layer_idx, query, valid, scale, num_layers=num_layers)
+        return output, None
+    # Sparse prefill: select first (the scores need only the probes and the keys), then attend
+    # among the kept tokens, whose K / V the compact cache now holds (docs/sparse_prefill.md).
+    cache.select_after_prefill(layer_idx, query, valid, scale, num_layers=num_layers)
+    if keeps_every_token(layer.lengths, valid, key.shape[2]):
+        # T = every valid token (p = 1, FastV's early layers): the exact dense attention is the
+        # same computation, and the dense kernel is bit-identical to prefill="dense".
+        output, _ = _dense_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return output, None
+    output = sparse_prefill_attention(
+        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
+        dropout,
     )
     return output, None
+
+
+def _new_turn_attention(cache, layer_idx, query, attention_mask, scale, dropout):
+    """T > 1 new prompt tokens on a compact layer (a second ``generate`` on the same cache, or a
+    batched later turn): the padding among them leaves the rows (as in a decode step), then the
+    layer selects again over its held tokens and the new ones, probed by the new turn's last
+    n_probe queries. "dense": the new tokens attend to everything held, then the selection;
+    "sparse": the selection first, then new tokens in T attend to the keys in T before them and
+    the others get a zero output. A chunked prefill is refused (check_prompt_continues)."""
+    T = query.shape[2]
+    cache.check_prompt_continues(layer_idx, T)
+    layer = cache.layers[layer_idx]
+    valid = new_token_validity(attention_mask, T)
+    if valid is not None:
+        layer.drop_padding(valid)
+    if cache.policy.prefill == "dense":
+        output = compact_decode(query, layer, *_held(layer), valid, scale, dropout)
+        cache.select_new_turn(layer_idx, query, scale)
+        return output
+    held = layer.lengths.clone()
+    cache.select_new_turn(layer_idx, query, scale)
+    if bool((layer.lengths == held).all()):  # every token stays (p = 1): the exact attention
+        return compact_decode(query, layer, *_held(layer), valid, scale, dropout)
+    return sparse_prefill_attention(
+        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
+        dropout, start=layer.seen_tokens - T,
+    )
+
+
+def _held(layer) -> tuple[Tensor, Tensor]:
+    """A compact layer's K / V buffers up to its (upper bound of the) longest row."""
+    return layer.keys[:, :, : layer.max_length], layer.values[:, :, : layer.max_length]
+
+
+def keeps_every_token(lengths: Tensor, valid: Tensor | None, length: int) -> bool:
+    """Every row of ``lengths`` [B, Hkv] (tokens kept) holds all valid tokens of its sequence
+    (``valid`` bool [B, L], or None when none is padding)."""
+    existing = valid.sum(-1, keepdim=True) if valid is not None else length
+    return bool((lengths == existing).all())
+
+
+def sparse_prefill_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    lengths: Tensor,
+    width: int,
+    scale: float,
+    dropout: float = 0.0,
+    start: int = 0,
+) -> Tensor:
+    """Prefill attention among each row's kept tokens T (docs/sparse_prefill.md).
+
+    query: [B, Hq, L, D], the prompt positions start .. start + L - 1; keys / values:
+    [B, Hkv, >= width, D], the kept tokens of each KV-head row in ascending position (what the
+    compact cache holds, possibly tokens before ``start`` too: a new turn); positions: int
+    [B, Hkv, >= width] the logical position of each kept slot (ascending; anything past the row's
+    length); lengths: int [B, Hkv] kept tokens per row; width: max(lengths). The query heads of
+    KV head h's group use h's set. Returns [B, L, Hq, D]: at a position in T, causal attention
+    over the keys in T (key position <= query position); zero at every other position.
+
+    Cost: a gather of the kept query rows, one SDPA call over width x width rows (never an
+    L x L mask), a scatter of the outputs. Rows holding fewer than ``width`` tokens need no mask:
+    slot order is position order, so the causal mask over slots already hides the slots past a
+    row's length from every used query slot; the outputs of the unused query slots are dropped.
+    """
+    B, Hq, L, D = query.shape
+    Hkv = keys.shape[1]
+    g = Hq // Hkv
+    slots = positions[:, :, :width].long() - start
+    used = torch.arange(width, device=query.device) < lengths[..., None]  # [B, Hkv, width]
+    is_query = used & (slots >= 0)  # slots before `start` are keys only (their queries: dropped)
+    # Rows of D contiguous values in the [B, L, Hq, D] layout that transformers' projections
+    # produce (query is its transpose): whole-row copies (index_select / index_copy) instead of
+    # an element-wise gather; index (b, l, r) -> (b * L + l) * Hq + r.
+    heads = torch.arange(Hq, device=query.device)[:, None]  # [Hq, 1]
+    rows = torch.where(is_query, slots, 0).repeat_interleave(g, dim=1)  # [B, Hq, width]
+    batch = torch.arange(B, device=query.device)[:, None, None] * L
+    flat = (batch + rows) * Hq + heads  # [B, Hq, width]
+    q = query.transpose(1, 2).reshape(B * L * Hq, D).index_select(0, flat.view(-1))
+    q = q.view(B, Hq, width, D)
+    k, v = keys[:, :, :width], values[:, :, :width]
+    # GQA inside SDPA (as transformers' SDPA path without a mask): no repeated K / V copies.
+    sdpa = partial(
+        F.scaled_dot_product_attention, dropout_p=dropout, is_causal=True, scale=scale,
+        enable_gqa=g > 1,
+    )
+    if query.is_cuda:
+        with sdpa_kernel(FLASH_FIRST, set_priority=True):
+            out = sdpa(q, k, v)
+    else:
+        out = sdpa(q, k, v)
+    # Unused query slots write into an extra row B * L * Hq, cut off after the copy.
+    target = torch.where(is_query.repeat_interleave(g, dim=1), flat, B * L * Hq)
+    full = out.new_zeros(B * L * Hq + 1, D)
+    full.index_copy_(0, target.view(-1), out.reshape(-1, D))
+    return full[:-1].view(B, L, Hq, D)
 
 
 def _check_window(window: int | None, layer_idx: int, length: int) -> None:

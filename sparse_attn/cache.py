@@ -2,16 +2,19 @@
 - or the tokens another rule of TopPPolicy keeps (top_k, threshold, FastV-style layer sharing).
 
 Life of a layer:
-  1. prefill: ``update`` stores the prompt's K/V densely, and the prefill attention is exact;
-  2. right after that attention, the "sparse_topp" attention function (sparse_attn.attention)
-     calls ``select_after_prefill``: the last probe queries score the keys (cumulative_scores),
-     the policy's rule picks the tokens (topp_select for top-p; sparse_attn.rules) and gather_kv
-     compacts them into [B, Hkv, C, D] buffers with room for the tokens still to come. With
-     ``shared_from_layer`` = K, layers other than K skip the scoring: layers < K keep every
-     token, layers > K the positions layer K kept;
-  3. decode: ``update`` writes each new token at its row's physical length, and the attention
-     reads only the compact buffers, without a host sync (docs/decode.md). With
-     ``reselect_every`` the selection re-runs over the compact cache every N decoded tokens.
+  1. prefill: ``update`` stores the prompt's K/V densely;
+  2. the "sparse_topp" attention function (sparse_attn.attention) calls
+     ``select_after_prefill`` - before the layer's attention under TopPPolicy(prefill="sparse"),
+     which then attends only among the kept tokens, after an exact dense attention under
+     prefill="dense" (docs/sparse_prefill.md): the last probe queries score the keys
+     (cumulative_scores), the policy's rule picks the tokens (topp_select for top-p;
+     sparse_attn.rules) and gather_kv compacts them into [B, Hkv, C, D] buffers with room for
+     the tokens still to come. With ``shared_from_layer`` = K, layers other than K skip the
+     scoring: layers < K keep every token, layers > K the positions layer K kept;
+  3. decode: ``update`` writes each new token at its row's physical length, and the
+     attention reads only the compact buffers, without a host sync (docs/decode.md). With ``reselect_every`` the selection re-runs
+     over the compact cache every N decoded tokens. A later forward of several tokens is a new
+     turn and selects again (``select_new_turn``); a prompt split over forwards is refused.
 Rows keep different numbers of tokens (batch rows, and KV heads with granularity="kv_head"), so
 a compact layer tracks ``lengths`` [B, Hkv]; the slots of a row past its length are free (never
 read).
@@ -23,7 +26,6 @@ only the new tokens (their causal mask and padding: docs/decode.md#padding).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .handoff import Handoff
 from .ops import cumulative_scores, gather_kv
 from .policy import TopPPolicy
 from .rules import indices_to_keep_mask, keep_mask_to_indices, select_rows
@@ -250,21 +253,36 @@ def _raise_if_nonfinite(layer_idx: int, scores: Tensor, valid: Tensor, error: Ex
         ) from error
 
 
+@dataclass
+class PromptSelection:
+    """The prompt tokens one layer kept, for a replay of the rollout (sf_train.replay).
+
+    indices: int32 [R, N] kept prompt positions, ascending, then -1 after counts[r]; counts:
+    int32 [R]; R = B (granularity="layer") or B * Hkv (row b * Hkv + h, "kv_head"). prefill: the
+    policy's prefill mode, which tells the replay how the prompt attended.
+    """
+
+    indices: Tensor
+    counts: Tensor
+    prefill: str = "sparse"
+
+
 # The attention function does not receive the cache (transformers hands it to the attention
 # module, which calls update() and then the attention function), so TopPCache.update leaves a
-# note of the layer it just updated for the attention call that follows it in the same thread.
-_pending = threading.local()
+# note of the layer it just updated for the attention call that follows it in the same thread
+# (sparse_attn.handoff, docs/sparse_prefill.md#handoffs).
+_pending = Handoff("TopPCache layer updated, awaiting its attention call")
 
 
 def take_pending_cache(layer_idx: int | None) -> TopPCache | None:
     """The TopPCache whose layer ``layer_idx`` was updated just before this attention call."""
-    cache = getattr(_pending, "cache", None)
-    if cache is None:
+    note = _pending.take()
+    if note is None:
         return None
-    _pending.cache = None
-    if _pending.layer_idx != layer_idx:
+    cache, noted_layer = note
+    if noted_layer != layer_idx:
         raise RuntimeError(
-            f"TopPCache layer {_pending.layer_idx} was updated, but the next attention call is for "
+            f"TopPCache layer {noted_layer} was updated, but the next attention call is for "
             f"layer {layer_idx}"
         )
     return cache
@@ -310,6 +328,9 @@ class TopPCache(Cache):
         self._padding: Tensor | None = None  # int [B]: padding tokens of each row (device)
         # Per layer, the attention module that filled it (see check_model).
         self._writers: dict[int, weakref.ref] = {}
+        # layer -> its logical length when it last selected over prompt tokens (the prefill or a
+        # new turn): more prompt tokens right after that are a prompt split over forwards.
+        self._prompt_end: dict[int, int] = {}
 
     def check_model(self, layer_idx: int, module: torch.nn.Module) -> None:
         """Refuse a second model: the layer's K/V came from another model's attention module
@@ -327,15 +348,16 @@ class TopPCache(Cache):
             )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if getattr(_pending, "cache", None) is self:
-            _pending.cache = None  # the note is stale now; do not let it reach a later call
+        note = _pending.peek()
+        if note is not None and note[0] is self:
+            _pending.take()  # the note is stale now; do not let it reach a later call
             raise RuntimeError(
-                f"TopPCache layer {_pending.layer_idx} was updated but no 'sparse_topp' attention "
+                f"TopPCache layer {note[1]} was updated but no 'sparse_topp' attention "
                 "ran after it: call sparse_attn.enable(model) (or load the model with "
                 "attn_implementation='sparse_topp')"
             )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _pending.cache, _pending.layer_idx = self, layer_idx
+        _pending.put((self, layer_idx))
         return keys, values
 
     def reset(self) -> None:
@@ -377,6 +399,33 @@ class TopPCache(Cache):
             layer.keys,
             layer.values,
         )
+        self._prompt_end[layer_idx] = layer.seen_tokens
+
+    def check_prompt_continues(self, layer_idx: int, new_tokens: int) -> None:
+        """Refuse ``new_tokens`` > 1 prompt tokens arriving right after the layer's selection over
+        a prompt (nothing decoded in between): a prompt split over several forwards, e.g.
+        generate(prefill_chunk_size=...), which would select from its first chunk only."""
+        end = self._prompt_end.get(layer_idx)
+        if new_tokens > 1 and end is not None and self.layers[layer_idx].seen_tokens - new_tokens == end:
+            raise RuntimeError(
+                "TopPCache selects once the whole prompt is in, in one forward: it received "
+                f"{new_tokens} more prompt tokens right after selecting over the first {end} "
+                "(a chunked prefill, e.g. generate(prefill_chunk_size=...)); pass the prompt in "
+                "one forward (prefill_chunk_size=None), docs/sparse_prefill.md#new-turns"
+            )
+
+    def select_new_turn(self, layer_idx: int, query: Tensor, scale: float) -> None:
+        """Select again over every held token and the new turn's tokens (the layer's compact rows
+        already end with them): the new turn's last n_probe queries score the rows, the rule
+        keeps the set (docs/sparse_prefill.md#new-turns)."""
+        layer = self.layers[layer_idx]
+        S = layer.max_length
+        valid = torch.arange(S, device=layer.device) < layer.lengths[..., None]
+        scores = None
+        if self._selects_itself(layer_idx):
+            scores = self._probe_scores(layer, query[:, :, -self.policy.n_probe :], scale)
+        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+        self._prompt_end[layer_idx] = layer.seen_tokens
 
     def after_decode_attention(self, layer_idx: int, query: Tensor, scale: float) -> None:
         """Keep the decoded queries as probes and re-select every ``reselect_every`` tokens."""
@@ -399,9 +448,17 @@ class TopPCache(Cache):
         if not self._selects_itself(layer_idx):
             self._select(layer_idx, None, valid, layer.positions[..., :S], layer.keys, layer.values)
             return
+        scores = self._probe_scores(layer, layer.probe_queries, scale)
+        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+
+    @staticmethod
+    def _probe_scores(layer: TopPLayer, probes: Tensor, scale: float) -> Tensor:
+        """float [B, Hkv, S]: cumulative scores of a compact layer's held slots from ``probes``
+        [B, Hq, n, D], the newest n tokens of every row; 0 past a row's length."""
+        S = layer.max_length
         keys = layer.keys[:, :, :S]
         B, Hkv = layer.lengths.shape
-        g = layer.probe_queries.shape[1] // Hkv
+        g = probes.shape[1] // Hkv
         # The probes are the newest tokens of every row, but cumulative_scores places probe i at
         # key position Lk - n_probes + i in all rows: rows of different lengths are scored apart.
         scores = torch.zeros(B, Hkv, S, dtype=torch.float32, device=layer.device)
@@ -409,15 +466,15 @@ class TopPCache(Cache):
             if len(set(row_lengths)) == 1:
                 n = row_lengths[0]
                 scores[b, :, :n] = cumulative_scores(
-                    layer.probe_queries[b : b + 1], keys[b : b + 1, :, :n], scale=scale
+                    probes[b : b + 1], keys[b : b + 1, :, :n], scale=scale
                 )[0]
                 continue
             for h, n in enumerate(row_lengths):
-                q = layer.probe_queries[b : b + 1, h * g : (h + 1) * g]
+                q = probes[b : b + 1, h * g : (h + 1) * g]
                 scores[b, h, :n] = cumulative_scores(
                     q, keys[b : b + 1, h : h + 1, :n], scale=scale
                 )[0, 0]
-        self._select(layer_idx, scores, valid, layer.positions[..., :S], layer.keys, layer.values)
+        return scores
 
     def shared_layer(self) -> int | None:
         """The layer whose selection every later layer keeps: policy.shared_from_layer clipped
@@ -531,6 +588,35 @@ class TopPCache(Cache):
         in_prompt = (positions >= 0) & (positions < prompt_length)
         flat = positions.clamp(0, prompt_length - 1).long().reshape(B, -1)
         return in_prompt & self.visual_mask.gather(1, flat).view(positions.shape)
+
+    def recorded_selections(self, prompt_length: int) -> list[PromptSelection]:
+        """Per layer, the prompt tokens this cache kept (call after generation), for a replay.
+
+        Decoded tokens sit after the kept prompt tokens in each row, at logical positions >=
+        prompt_length, so the prompt part of every row is the prefix of positions < prompt_length.
+        Needs one selection per layer (reselect_every=0).
+        """
+        if self.policy.reselect_every:
+            raise ValueError(
+                "a replay needs one selection per layer: use TopPPolicy(reselect_every=0)"
+            )
+        per_head = self.policy.granularity == "kv_head"
+        selections = []
+        for layer in self.layers:
+            if not layer.is_compact:
+                raise RuntimeError(
+                    "TopPCache has not selected yet: run a prefill through a model with the "
+                    "sparse_topp attention"
+                )
+            positions = layer.positions  # [B, Hkv, C], logical positions, -1 in free slots
+            is_prompt = (positions >= 0) & (positions < prompt_length)
+            rows = positions.flatten(0, 1) if per_head else positions[:, 0]
+            kept = is_prompt.flatten(0, 1) if per_head else is_prompt[:, 0]
+            counts = kept.sum(-1).to(torch.int32)
+            width = max(int(counts.max()), 1)
+            indices = torch.where(kept, rows, -1)[:, :width].to(torch.int32).contiguous()
+            selections.append(PromptSelection(indices, counts, self.policy.prefill))
+        return selections
 
     # --- stats -----------------------------------------------------------------------------------
 

@@ -10,11 +10,29 @@ from dataclasses import dataclass
 GRANULARITIES = ("layer", "kv_head")
 PRUNE_MODES = ("all", "visual")
 RULES = ("top_p", "top_k", "threshold")
+PREFILL_MODES = ("sparse", "dense")
 
 
 @dataclass(frozen=True)
 class TopPPolicy:
-    """KV selection rule, applied to every layer after the prefill.
+    """KV selection rule, applied to every layer in the prefill (docs/sparse_prefill.md).
+
+    prefill: how a layer's prompt attention relates to its selection.
+        "sparse" (default; ZipVL Algorithm 1, Sparsity Forcing Eq. 2): in every layer, in this
+        order, the probe queries score all valid prompt keys, the rule below selects the set T
+        (per layer, or per KV head), the layer's attention runs only among T (a query position in
+        T attends causally to the keys in T; a query position outside T gets a zero attention
+        output in that layer, its residual stream and MLP still run), and the cache keeps
+        K[T], V[T]. Every layer selects again from all tokens. The last prompt position must be
+        in T (it produces the first generated token), so ``keep_last`` must be >= 1; padding is
+        never in T. Cost: scoring O(n_probe * L), attention O(|T|^2) instead of O(L^2).
+        "dense": the prefill attention is exact and dense, then each layer selects and compacts
+        its cache (kvpress-style cache compression): the first generated token does not depend
+        on the selection.
+        p = 1 keeps every valid token, and then both modes equal the dense model exactly. With
+        ``granularity="kv_head"`` the query heads of KV head h's group use T_h for their queries
+        and keys; ``shared_from_layer`` layers < K attend densely and later layers use layer K's
+        set.
 
     Every rule ranks the same cumulative attention scores of the probe queries (SPEC section 2)
     and goes through the same cache compaction and stats. Within one budget row (a layer, or a
@@ -72,14 +90,18 @@ class TopPPolicy:
     keep_ratio: float | None = None
     threshold: float | None = None
     shared_from_layer: int | None = None
+    prefill: str = "sparse"
 
     @classmethod
     def fastv(cls, keep_ratio: float, *, layer: int = 2, **overrides) -> TopPPolicy:
         """FastV: after ``layer`` (clipped to the model's last layer), keep the ``keep_ratio``
         highest-attended visual tokens (ranked by the last prompt token) in every later layer;
-        text is always kept, nothing is forced by position."""
+        text is always kept, nothing else is forced by position (under the sparse prefill the last
+        prompt position is, as every sparse prefill needs)."""
+        prefill = overrides.get("prefill", "sparse")
         fields = dict(rule="top_k", keep_ratio=keep_ratio, n_probe=1, prune="visual",
-                      shared_from_layer=layer, keep_first=0, keep_last=0, granularity="layer")
+                      shared_from_layer=layer, keep_first=0, keep_last=int(prefill == "sparse"),
+                      granularity="layer")
         return cls(**{**fields, **overrides})
 
     def __post_init__(self):
@@ -108,6 +130,18 @@ class TopPPolicy:
             )
         if self.prune not in PRUNE_MODES:
             raise ValueError(f"TopPPolicy.prune must be one of {PRUNE_MODES}, got {self.prune!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(
+                f"TopPPolicy.prefill must be one of {PREFILL_MODES}, got {self.prefill!r}"
+            )
+        if self.prefill == "sparse" and self.keep_last < 1:
+            # The last prompt position produces the first generated token: outside T its
+            # attention output would be zero in every layer (docs/sparse_prefill.md).
+            raise ValueError(
+                "TopPPolicy.keep_last must be >= 1 with prefill='sparse' (the last prompt "
+                f"position must attend), got keep_last={self.keep_last}; use prefill='dense' "
+                "to keep nothing by position"
+            )
         if self.rule not in RULES:
             raise ValueError(f"TopPPolicy.rule must be one of {RULES}, got {self.rule!r}")
         # Each knob belongs to one rule: a knob another rule would silently ignore is an error.

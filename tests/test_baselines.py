@@ -181,7 +181,10 @@ def test_fastv_policy():
     policy = TopPPolicy.fastv(0.5)
     assert (policy.rule, policy.keep_ratio, policy.n_probe, policy.prune, policy.shared_from_layer) == (
         "top_k", 0.5, 1, "visual", 2)
-    assert policy.keep_first == policy.keep_last == 0
+    # the sparse prefill needs the last prompt position; the dense one forces nothing by position
+    assert (policy.keep_first, policy.keep_last, policy.prefill) == (0, 1, "sparse")
+    dense = TopPPolicy.fastv(0.5, prefill="dense")
+    assert dense.keep_first == dense.keep_last == 0
     assert TopPPolicy.fastv(0.25, layer=5, n_probe=3).n_probe == 3
 
 
@@ -206,16 +209,18 @@ def kept_reference(policy, scores, valid, is_visual):
 
 
 POLICIES = [
-    ("qwen2", TopPPolicy(rule="top_k", keep_ratio=0.3, n_probe=8, keep_first=2, keep_last=3)),
+    # The references score the queries and keys of a dense prefill: prefill="dense" (the sparse
+    # prefill runs every rule through tests/test_sparse_prefill.py).
+    ("qwen2", TopPPolicy(rule="top_k", keep_ratio=0.3, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
     ("qwen2", TopPPolicy(rule="top_k", keep_ratio=0.45, n_probe=4, keep_first=1, keep_last=1,
-                         granularity="kv_head")),
-    ("qwen2", TopPPolicy(rule="threshold", threshold=1.5, n_probe=8, keep_first=2, keep_last=3)),
+                         granularity="kv_head", prefill="dense")),
+    ("qwen2", TopPPolicy(rule="threshold", threshold=1.5, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
     ("llama", TopPPolicy(rule="threshold", threshold=0.8, n_probe=16, keep_first=0, keep_last=0,
-                         granularity="kv_head")),
+                         granularity="kv_head", prefill="dense")),
     ("qwen2_5_vl", TopPPolicy(rule="top_k", keep_ratio=0.25, n_probe=4, keep_first=1, keep_last=2,
-                              prune="visual")),
+                              prune="visual", prefill="dense")),
     ("qwen2_5_vl", TopPPolicy(rule="threshold", threshold=2.0, n_probe=4, keep_first=1, keep_last=2,
-                              prune="visual", granularity="kv_head")),
+                              prune="visual", granularity="kv_head", prefill="dense")),
 ]
 
 
@@ -277,7 +282,8 @@ def test_shared_from_layer(rule, granularity):
     """Layers < K keep every token, layer K selects with the rule, layers > K hold exactly layer
     K's positions."""
     model, inputs = deep_qwen2(4), make_inputs("qwen2", 3)
-    policy = TopPPolicy(**rule, n_probe=4, keep_first=1, keep_last=1, granularity=granularity, shared_from_layer=2)
+    policy = TopPPolicy(**rule, n_probe=4, keep_first=1, keep_last=1, granularity=granularity, shared_from_layer=2,
+                        prefill="dense")  # layer 2's reference scores a dense prefill
     captured = capture_dense_attention(model, inputs)
     cache = TopPCache(policy)
     with torch.no_grad():
@@ -330,7 +336,7 @@ def test_decode_with_shared_layers_and_reselection_equals_masked_dense():
     layer's dropped tokens masked; after each reselection layers > K hold layer K's positions."""
     model, inputs = deep_qwen2(3), make_inputs("qwen2", 3)
     policy = TopPPolicy(rule="threshold", threshold=1.0, n_probe=3, keep_first=1, keep_last=1,
-                        shared_from_layer=1, reselect_every=2)
+                        shared_from_layer=1, reselect_every=2, prefill="dense")  # dense prompt in the reference
     cache = TopPCache(policy, reserve=2)
     input_ids, position_ids, logits, visible = decode_loop(enable(model), inputs, cache, [1, 3, 1, 1, 2])
     expected = masked_dense_logits(model, input_ids, position_ids, inputs["attention_mask"], visible)

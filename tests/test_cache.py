@@ -203,25 +203,28 @@ def test_misuse_is_reported():
 # --- p = 1: the dense model, token for token --------------------------------------------------
 
 
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen2_5_vl"])
-def test_generate_at_p1_equals_dense(family, batch, granularity):
+def test_generate_at_p1_equals_dense(family, batch, granularity, prefill):
     model, inputs = make_model(family), make_inputs(family, batch)
     dense = generate(model, inputs)
-    cache = TopPCache(TopPPolicy(p=1.0, granularity=granularity), reserve=3)  # forces regrowth
+    policy = TopPPolicy(p=1.0, granularity=granularity, prefill=prefill)
+    cache = TopPCache(policy, reserve=3)  # forces regrowth
     sparse = generate(enable(model), inputs, cache)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=0)
     assert cache.token_ratio == 1.0
     assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 7  # logical, padding included
 
 
-def test_sampling_and_beam_search_at_p1_equal_dense():
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_sampling_and_beam_search_at_p1_equal_dense(prefill):
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
     sampled = generate(model, inputs, seed=7, do_sample=True)
     beams = generate(model, inputs, num_beams=2)
     enable(model)
-    policy = TopPPolicy(p=1.0)
+    policy = TopPPolicy(p=1.0, prefill=prefill)
     torch.testing.assert_close(
         generate(model, inputs, TopPCache(policy), seed=7, do_sample=True), sampled
     )
@@ -234,9 +237,13 @@ def test_sampling_and_beam_search_at_p1_equal_dense():
 @pytest.mark.parametrize(
     "family, policy",
     [
-        ("qwen2", TopPPolicy(p=0.8, n_probe=8, keep_first=2, keep_last=3)),
-        ("llama", TopPPolicy(p=0.7, n_probe=64, keep_first=0, keep_last=0, granularity="kv_head")),
-        ("qwen2_5_vl", TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prune="visual")),
+        # The reference scores the queries and keys of a dense prefill: prefill="dense" (the
+        # sparse prefill has its own reference, tests/test_sparse_prefill.py).
+        ("qwen2", TopPPolicy(p=0.8, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
+        ("llama", TopPPolicy(p=0.7, n_probe=64, keep_first=0, keep_last=0, granularity="kv_head",
+                             prefill="dense")),
+        ("qwen2_5_vl", TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prune="visual",
+                                  prefill="dense")),
     ],
 )
 def test_kept_tokens_match_reference_selection(family, policy):
@@ -283,7 +290,7 @@ def test_kept_tokens_match_reference_selection(family, policy):
 
 def test_prune_visual_drops_only_image_tokens_through_reselections():
     policy = TopPPolicy(
-        p=0.5, n_probe=4, keep_first=0, keep_last=0, prune="visual", reselect_every=3
+        p=0.5, n_probe=4, keep_first=0, keep_last=1, prune="visual", reselect_every=3
     )
     model, inputs = make_model("qwen2_5_vl"), make_inputs("qwen2_5_vl", 3)
     cache = TopPCache(policy, reserve=2)
@@ -421,13 +428,17 @@ def masked_dense_logits(model, input_ids, position_ids, prompt_mask, visible):
 @pytest.mark.parametrize(
     "family, policy",
     [
-        ("qwen2", TopPPolicy(p=0.7, n_probe=8, keep_first=2, keep_last=2)),
-        ("llama", TopPPolicy(p=0.6, n_probe=16, keep_first=1, keep_last=0, granularity="kv_head")),
-        ("qwen2", TopPPolicy(p=0.8, n_probe=3, keep_first=1, keep_last=2, reselect_every=2)),
+        # masked_dense_logits attends densely among the prompt: prefill="dense"
+        ("qwen2", TopPPolicy(p=0.7, n_probe=8, keep_first=2, keep_last=2, prefill="dense")),
+        ("llama", TopPPolicy(p=0.6, n_probe=16, keep_first=1, keep_last=0, granularity="kv_head",
+                             prefill="dense")),
+        ("qwen2", TopPPolicy(p=0.8, n_probe=3, keep_first=1, keep_last=2, reselect_every=2,
+                             prefill="dense")),
         (
             "llama",
             TopPPolicy(
-                p=0.8, n_probe=4, keep_first=0, keep_last=1, granularity="kv_head", reselect_every=3
+                p=0.8, n_probe=4, keep_first=0, keep_last=1, granularity="kv_head", reselect_every=3,
+                prefill="dense",
             ),
         ),
     ],
@@ -435,7 +446,7 @@ def masked_dense_logits(model, input_ids, position_ids, prompt_mask, visible):
 def test_decode_equals_dense_forward_with_dropped_tokens_masked(family, policy):
     model, inputs = make_model(family), make_inputs(family, 3)
     cache = TopPCache(policy, reserve=2)
-    chunks = [1, 3, 1, 1, 2]  # forwards of several tokens too: causal among the new tokens
+    chunks = [1, 3, 1, 1, 2]  # new turns too (forwards of several tokens): causal among the new
     input_ids, position_ids, logits, visible = decode_loop(enable(model), inputs, cache, chunks)
     assert (
         visible[0][:, :, 0].sum() < inputs["attention_mask"].sum() * visible[0].shape[1]
@@ -444,11 +455,15 @@ def test_decode_equals_dense_forward_with_dropped_tokens_masked(family, policy):
         model, input_ids, position_ids, inputs["attention_mask"], visible
     )
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    # Reselection runs once reselect_every tokens were decoded since the previous selection.
+    # A forward of several tokens is a new turn, which selects again (docs/sparse_prefill.md);
+    # reselection runs once reselect_every tokens were decoded since the previous selection.
     selections, since = 1, 0
-    for T in chunks if policy.reselect_every else []:
+    for T in chunks:
+        if T > 1:
+            selections, since = selections + 1, 0
+            continue
         since += T
-        if since >= policy.reselect_every:
+        if policy.reselect_every and since >= policy.reselect_every:
             selections, since = selections + 1, 0
     assert len(cache.selections) == model.config.num_hidden_layers * selections
 

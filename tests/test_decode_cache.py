@@ -55,7 +55,9 @@ def test_decode_step_makes_no_host_sync(granularity, monkeypatch):
     position_ids = prefill(model, inputs, cache)
     capacity = cache.layers[0].keys.shape[2]
     mask, generator = inputs["attention_mask"], torch.Generator().manual_seed(3)
-    chunks = [torch.ones(3, 1), torch.ones(3, 1), torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])]
+    # Decode steps of one token, one of them padding in a row. (A later chunk of several tokens is
+    # a new turn, which selects again and may sync: docs/sparse_prefill.md#new-turns.)
+    chunks = [torch.ones(3, 1), torch.ones(3, 1), torch.tensor([[0], [1], [1]])]
     logits = []
     with monkeypatch.context() as patch:
         forbid_host_syncs(patch)
@@ -122,21 +124,39 @@ def masked_reference(model, input_ids, position_ids, visible):
         return model(input_ids=input_ids, position_ids=position_ids).logits
 
 
-@pytest.mark.parametrize("granularity", ["layer", "kv_head"])
-def test_padding_inside_a_later_chunk_is_not_attended(granularity):
-    """Batched multi-turn: a later chunk left-padded to the longest row's turn. No query may see
-    that padding, in the chunk or after it, and the cache must not hold it."""
+TURN = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]).bool()
+SINGLE = torch.tensor([[1], [0], [1]]).bool()  # one padding token alone
+STEP = torch.ones(3, 1).bool()
+
+
+@pytest.mark.parametrize(
+    "granularity, p, prefill_mode, chunks",
+    [
+        # decode steps, one of them padding in a row: the prompt selection stays (the reference
+        # below runs the prompt densely: the dense prefill's semantics)
+        ("layer", 0.7, "dense", [STEP, SINGLE, STEP]),
+        ("kv_head", 0.7, "dense", [STEP, SINGLE, STEP]),
+        # a batched later turn left-padded to its longest row (a new turn selects again: at
+        # p = 1 it keeps every valid token, so the reference below holds)
+        ("layer", 1.0, "sparse", [STEP, TURN, STEP, SINGLE, STEP]),
+        ("kv_head", 1.0, "dense", [STEP, TURN, STEP, SINGLE, STEP]),
+    ],
+)
+def test_padding_inside_a_later_chunk_is_not_attended(granularity, p, prefill_mode, chunks):
+    """Padding among later tokens (a decode step's padded row, or a batched later turn
+    left-padded to the longest row's). No query may see that padding, in the chunk or after it,
+    and the cache must not hold it."""
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
     enable(model)
-    cache = TopPCache(TopPPolicy(p=0.7, n_probe=8, keep_first=1, granularity=granularity))
+    policy = TopPPolicy(p=p, n_probe=8, keep_first=1, granularity=granularity,
+                        prefill=prefill_mode)
+    cache = TopPCache(policy)
     position_ids = prefill(model, inputs, cache)
     L = inputs["input_ids"].shape[1]
     held = [held_positions(layer, L) for layer in cache.layers]  # the prompt tokens kept
     mask, generator = inputs["attention_mask"], torch.Generator().manual_seed(5)
     input_ids, logits = inputs["input_ids"], []
-    turn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]).bool()
-    single = torch.tensor([[1], [0], [1]]).bool()  # one padding token alone, too
-    for valid in [turn, torch.ones(3, 1).bool(), single, torch.ones(3, 1).bool()]:
+    for valid in chunks:
         tokens, mask, position_ids = chunk_inputs(mask, position_ids, valid, generator)
         input_ids = torch.cat([input_ids, tokens], 1)
         with torch.no_grad():
@@ -261,12 +281,12 @@ def test_decode_goes_through_the_decode_attention_op_when_present(monkeypatch):
         if with_op:
             monkeypatch.setattr(ops, "decode_attention", op, raising=False)
         position_ids = prefill(model, inputs, cache)
-        tokens = torch.tensor([[5, 6], [7, 8], [9, 10]])
+        tokens = torch.tensor([[5], [7], [9]])
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
         with torch.no_grad():
             outputs.append(
                 model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
-                      position_ids=position_ids[:, -1:] + torch.tensor([1, 2])).logits
+                      position_ids=position_ids[:, -1:] + 1).logits
             )
     torch.testing.assert_close(outputs[1], outputs[0])
     assert len(calls) == model.config.num_hidden_layers

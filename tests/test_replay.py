@@ -1,6 +1,8 @@
 """Inference consistency: the training forward that replays a rollout's selections gives the
-log-probs the rollout sampled with (same weights), for every p of the grid and both
-granularities."""
+log-probs the rollout sampled with (same weights), for every p of the grid, both granularities
+and both prefill modes."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,33 +41,67 @@ def left_padded_prompts(lengths, vocab=64, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def replayed_logp(model, inputs, groups, temperature, suppressed=(), gradient=None, no_grad=True):
-    """The trainer's training forward over the rollouts: (log-probs, rollout log-probs, mask)."""
+def replayed_logp(model, inputs, groups, temperature, suppressed=(), gradient=None, no_grad=True, selections=None):
+    """The trainer's training forward over the rollouts: (log-probs, rollout log-probs, mask).
+    ``selections`` replaces the recorded ones (controls)."""
     batch = training_batch(inputs, groups, torch.zeros(inputs["input_ids"].shape[0], len(groups)), PAD)
     model.set_attn_implementation(REPLAY_ATTENTION)
-    with torch.set_grad_enabled(not no_grad), replaying(batch.selections, batch.prompt_length, gradient):
+    with torch.set_grad_enabled(not no_grad), replaying(selections or batch.selections, batch.prompt_length, gradient):
         logp, _ = sequence_logp(model, batch, temperature, suppressed)
     return logp, batch.logp_old, batch.mask
 
 
+def grid_rollouts(model, inputs, granularity, eos, pad, suppressed=(), **policy_kw):
+    enable(model)
+    return [rollout(model, inputs, TopPPolicy(p=p, granularity=granularity, **policy_kw), max_new_tokens=6,
+                    eos_token_id=eos, pad_token_id=pad, temperature=1.0, suppressed=suppressed)
+            for p in default_p_grid()]
+
+
 def assert_replay_matches_rollouts(model, inputs, granularity, eos, pad, max_tau=0.9, suppressed=(), gradient=None,
                                    **policy_kw):
-    enable(model)
-    groups = []
-    for p in default_p_grid():
-        policy = TopPPolicy(p=p, granularity=granularity, **policy_kw)
-        groups.append(rollout(model, inputs, policy, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad,
-                              temperature=1.0, suppressed=suppressed))
+    """Returns the rollouts, and the replay of the sparse ones with their selections marked
+    "dense" (the control: a dense-prefill replay must not match a sparse-prefill rollout)."""
+    groups = grid_rollouts(model, inputs, granularity, eos, pad, suppressed, **policy_kw)
     assert min(float(g.token_ratio.min()) for g in groups) < max_tau, "the test must really prune"
     logp, logp_old, mask = replayed_logp(model, inputs, groups, 1.0, suppressed, gradient)
     m = mask.bool()
     torch.testing.assert_close(logp[m], logp_old[m], rtol=0, atol=2e-5)
+    if policy_kw.get("prefill", "sparse") == "sparse":
+        batch = training_batch(inputs, groups, torch.zeros(inputs["input_ids"].shape[0], len(groups)), PAD)
+        as_dense = [dataclasses.replace(s, prefill="dense") for s in batch.selections]
+        dense, _, _ = replayed_logp(model, inputs, groups, 1.0, suppressed, gradient, selections=as_dense)
+        assert (dense[m] - logp_old[m]).abs().max() > 1e-3, "a dense-prefill replay must not match"
 
 
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
-def test_replay_reproduces_rollout_logprobs(granularity):
+def test_replay_reproduces_rollout_logprobs(granularity, prefill):
     assert_replay_matches_rollouts(tiny_qwen2(), left_padded_prompts([40, 27, 33]), granularity, EOS, PAD,
-                                   n_probe=8, keep_first=1, keep_last=2)
+                                   n_probe=8, keep_first=1, keep_last=2, prefill=prefill)
+
+
+def test_replayed_probe_scores_reproduce_the_sparse_selection():
+    """Under the sparse prefill each layer's scores depend on what earlier layers kept: the
+    replay's collected probe scores, selected again at each rollout's p, give its recorded set."""
+    from sparse_attn import reference
+
+    model, inputs = tiny_qwen2(), left_padded_prompts([40, 27, 33])
+    kw = dict(n_probe=8, keep_first=1, keep_last=2)
+    groups = grid_rollouts(model, inputs, "layer", EOS, PAD, **kw)
+    batch = training_batch(inputs, groups, torch.zeros(3, len(groups)), PAD)
+    model.set_attn_implementation(REPLAY_ATTENTION)
+    with torch.no_grad(), replaying(batch.selections, batch.prompt_length, probe_scores=8) as state:
+        sequence_logp(model, batch, 1.0, ())
+    valid = batch.inputs["attention_mask"][:, :batch.prompt_length].bool()
+    assert len(state.scores) == len(batch.selections) == 2
+    for scores, selection in zip(state.scores, batch.selections):
+        p_rows = torch.tensor(default_p_grid()).repeat_interleave(3)
+        for r in range(scores.shape[0]):
+            indices, counts = reference.topp_select(scores[r:r + 1], float(p_rows[r]), valid_mask=valid[r:r + 1],
+                                                    keep_first=1, keep_last=2)
+            assert int(counts[0]) == int(selection.counts[r])
+            assert torch.equal(indices[0, :counts[0]], selection.indices[r, :counts[0]])
 
 
 def test_replay_differs_from_dense_when_pruned():
