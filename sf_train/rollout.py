@@ -9,10 +9,8 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from sparse_attn.attention import cache_argument
-from sparse_attn.cache import TopPCache
+from sparse_attn.cache import PromptSelection, TopPCache
 from sparse_attn.policy import TopPPolicy
-
-from sparse_attn.cache import PromptSelection
 
 # Model inputs whose first axis is not the batch (Qwen-VL flattens the patches of all images).
 _PATCH_INPUTS = ("pixel_values", "pixel_values_videos")
