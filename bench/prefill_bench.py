@@ -42,12 +42,17 @@ from torch.nn.attention import sdpa_kernel
 
 # bench/ for run_op_bench, and the checkout this script belongs to (ahead of an installed copy).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from run_op_bench import RESULTS, environment  # noqa: E402  (bench/run_op_bench.py)
+from run_op_bench import RESULTS, environment
 
-from sparse_attn import cumulative_scores, gather_kv, topp_select  # noqa: E402
-from sparse_attn.attention import FLASH_FIRST, cache_argument, enable, sparse_prefill_attention  # noqa: E402
-from sparse_attn.cache import TopPCache  # noqa: E402
-from sparse_attn.policy import TopPPolicy  # noqa: E402
+from sparse_attn import cumulative_scores, gather_kv, topp_select
+from sparse_attn.attention import (
+    FLASH_FIRST,
+    cache_argument,
+    enable,
+    sparse_prefill_attention,
+)
+from sparse_attn.cache import TopPCache
+from sparse_attn.policy import TopPPolicy
 
 Q_HEADS, KV_HEADS, HEAD_DIM, N_PROBE = 28, 4, 128, 64
 
@@ -121,11 +126,10 @@ def attention_rows(args) -> list[dict]:
     for L in args.lengths:
         gen = torch.Generator(device=args.device).manual_seed(L)
         # [B, H, L, D] views of [B, L, H, D] tensors: the layout of transformers' projections
-        shape = lambda h: (1, L, h, HEAD_DIM)  # noqa: E731
-        q, k, v = (torch.randn(shape(h), generator=gen, device=args.device).to(args.dtype).transpose(1, 2)
+        q, k, v = (torch.randn((1, L, h, HEAD_DIM), generator=gen, device=args.device).to(args.dtype).transpose(1, 2)
                    for h in (Q_HEADS, KV_HEADS, KV_HEADS))
         scores = cumulative_scores(q[:, :, -N_PROBE:], k, scale=scale).sum(1)[0]
-        variants = {"dense": lambda: dense_attention(q, k, v, scale)}
+        variants = {"dense": lambda q=q, k=k, v=v: dense_attention(q, k, v, scale)}
         setup = {}
         for tau in args.taus:
             keep = max(int(round(tau * L)), 1)
@@ -136,9 +140,9 @@ def attention_rows(args) -> list[dict]:
             positions = indices[:, None, :width].expand(1, KV_HEADS, width)
             lengths = counts[:, None].expand(1, KV_HEADS)
             setup[tau] = (p, width)
-            variants[f"sparse@{tau}"] = lambda p=p: sparse_prefill(q, k, v, scale, p)
+            variants[f"sparse@{tau}"] = lambda p=p, q=q, k=k, v=v: sparse_prefill(q, k, v, scale, p)
             variants[f"attention_only@{tau}"] = (
-                lambda a=(keys, values, positions, lengths, width): sparse_prefill_attention(q, *a, scale)
+                lambda a=(keys, values, positions, lengths, width), q=q: sparse_prefill_attention(q, *a, scale)
             )
         repeats = args.repeats if L <= 8192 else max(1, args.repeats // 2)
         with torch.inference_mode():

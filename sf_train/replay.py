@@ -40,7 +40,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_attn import gather_kv
-from sparse_attn.attention import key_validity, keeps_every_token, sparse_prefill_attention
+from sparse_attn.attention import (
+    keeps_every_token,
+    key_validity,
+    sparse_prefill_attention,
+)
 from sparse_attn.cache import PromptSelection
 from sparse_attn.handoff import Handoff
 from sparse_attn.reference import cumulative_scores, forced_positions

@@ -9,10 +9,9 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from sparse_attn.attention import cache_argument
-from sparse_attn.cache import TopPCache
+from sparse_attn.cache import PromptSelection, TopPCache
 from sparse_attn.policy import TopPPolicy
 
-from sparse_attn.cache import PromptSelection
 
 @dataclass
 class Rollouts:

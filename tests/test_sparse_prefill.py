@@ -21,7 +21,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparse_attn import reference
-from sparse_attn.attention import cache_argument, enable, key_validity, sparse_prefill_attention
+from sparse_attn.attention import (
+    cache_argument,
+    enable,
+    key_validity,
+    sparse_prefill_attention,
+)
 from sparse_attn.cache import TopPCache
 from sparse_attn.policy import TopPPolicy
 from sparse_attn.rules import threshold_select, topk_select
@@ -32,7 +37,7 @@ REFERENCE = "test_sparse_prefill_reference"
 def reference_keep(policy, scores, valid, is_visual):
     """bool [B, Hkv, L]: the tokens the policy's rule keeps from scores [B, Hkv, L]."""
     B, Hkv, L = scores.shape
-    rows = lambda x: budget_rows(x[:, None].expand(B, Hkv, L), policy.granularity)  # noqa: E731
+    rows = lambda x: budget_rows(x[:, None].expand(B, Hkv, L), policy.granularity)
     kw = dict(
         valid_mask=rows(valid),
         keep_first=policy.keep_first,
