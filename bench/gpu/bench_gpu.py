@@ -53,6 +53,8 @@ from op_cases import HEAD_DIM, KV_HEADS, N_PROBES, Q_HEADS, sort_cumsum_searchso
 
 import sparse_attn  # noqa: E402
 from sparse_attn import TopPCache, TopPPolicy  # noqa: E402
+from sparse_attn.attention import FLASH_FIRST, cache_argument  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 MAX_INPUT_COPIES = 32
 TARGET_TAU = 0.25
@@ -378,6 +380,35 @@ def decode_section(b: Bench) -> list | dict:
     return results
 
 
+def decode_once(model, prompt, cache, new_tokens: int, watch) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation of ``new_tokens`` tokens."""
+    watch.start()
+    cache_kw = {cache_argument(model): cache}
+    logits = model(input_ids=prompt, **cache_kw).logits[:, -1]
+    prefill = watch.stop()
+    watch.start()
+    for _ in range(new_tokens):
+        token = logits.argmax(-1, keepdim=True)
+        logits = model(input_ids=token, **cache_kw).logits[:, -1]
+    return prefill, watch.stop()
+
+
+def dense_run(model, prompt, new_tokens: int, watch):
+    """One generation over a dense DynamicCache with FlashAttention-2 first:
+    (prefill seconds, decode seconds, the cache)."""
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    with sdpa_kernel(FLASH_FIRST, set_priority=True):
+        return *decode_once(model, prompt, cache, new_tokens, watch), cache
+
+
+def cache_size(cache) -> dict:
+    if isinstance(cache, TopPCache):
+        return {"kv_bytes": cache.kv_bytes(), "token_ratio": cache.token_ratio}
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return {"kv_bytes": kv_bytes, "token_ratio": 1.0}  # a DynamicCache holds every token
+
+
 def model_section(b: Bench) -> dict:
     """Dense FA2 over a DynamicCache vs TopPCache (p calibrated to a token ratio near 25%)."""
     m = b.sizes["model"]
@@ -396,11 +427,11 @@ def model_section(b: Bench) -> dict:
     def run(method: tuple, new_tokens: int = args.new_tokens) -> tuple[float, float, object]:
         p, prefill_mode = method
         if p is None:
-            return decode_e2e.run_once(model, prompt, None, args, watch)
+            return dense_run(model, prompt, new_tokens, watch)
         sparse_attn.enable(model)
         policy = TopPPolicy(p=p, **({"prefill": prefill_mode} if prefill_mode else {}))
         cache = TopPCache(policy, **reserve)
-        return *decode_e2e.decode_once(model, prompt, cache, new_tokens, watch), cache
+        return *decode_once(model, prompt, cache, new_tokens, watch), cache
 
     # Untimed calibration (it also warms up): the token ratio of each candidate p after the
     # prefill, which is when the cache selects.
@@ -408,7 +439,7 @@ def model_section(b: Bench) -> dict:
     run((None, None))
     run((m["candidate_p"][0], None))
     for p in m["candidate_p"]:
-        taus[p] = decode_e2e.cache_size(run((p, None), new_tokens=0)[2])["token_ratio"]
+        taus[p] = cache_size(run((p, None), new_tokens=0)[2])["token_ratio"]
         print(f"  calibration: p={p} token ratio {taus[p]:.3f}", flush=True)
     p_star = min(taus, key=lambda p: abs(taus[p] - TARGET_TAU))
     methods = [(None, None), (1.0, None), (p_star, None)]
@@ -420,7 +451,7 @@ def model_section(b: Bench) -> dict:
         for method in methods:
             prefill, decode, cache = run(method)
             runs[method].append((prefill, decode))
-            sizes[method] = decode_e2e.cache_size(cache)
+            sizes[method] = cache_size(cache)
     dense = None
     rows = []
     for method in methods:
