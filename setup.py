@@ -5,6 +5,7 @@ Environment knobs:
   SPARSE_ATTN_CUDA_ARCHS      semicolon list of targets, default "80;90a"
   MAX_JOBS                    parallel compile jobs (ninja)
 """
+
 import os
 import shutil
 import subprocess
@@ -15,11 +16,17 @@ from pathlib import Path
 def _nvcc_toolkit_root() -> str | None:
     """The CUDA toolkit nvcc really runs from, as nvcc itself reports it (TOP=...)."""
     try:
-        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60).stderr
+        out = subprocess.run(
+            ["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stderr
     except (OSError, subprocess.SubprocessError):
         return None
-    top = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("#$ TOP=")), None)
+    top = next(
+        (line.split("=", 1)[1] for line in out.splitlines() if line.startswith("#$ TOP=")), None
+    )
     return str(Path(top).resolve()) if top else None
 
 
@@ -73,17 +80,24 @@ def extension():
     write_build_info(with_cuda, archs)
     # Schemas + module, the shared checks, the CPU glue and kernels; the CUDA glue and kernels
     # only in a CUDA build (each device registers its own implementation).
-    sources = ["csrc/torch_bindings.cpp", "csrc/op_checks.cpp", "csrc/cpu_ops.cpp",
-               *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cpu").glob("*.cpp"))]
+    sources = [
+        "csrc/torch_bindings.cpp",
+        "csrc/op_checks.cpp",
+        "csrc/cpu_ops.cpp",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cpu").glob("*.cpp")),
+    ]
     # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, the CPU kernels
     # silently run on one thread. The runtime is the libgomp torch already loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", *openmp]
     if not with_cuda:
-        return CppExtension("sparse_attn._C", sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=openmp)
-    sources += ["csrc/cuda_ops.cpp",
-                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cuda").glob("*.cu"))]
+        return CppExtension(
+            "sparse_attn._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
+        )
+    sources += [
+        "csrc/cuda_ops.cpp",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/kernels/cuda").glob("*.cu")),
+    ]
     return CUDAExtension(
         "sparse_attn._C",
         sources,

@@ -61,20 +61,32 @@ def make_copies(B, L, tau, dtype, device, n_copies, gen):
         used = torch.arange(C, device=device) < lengths[..., None]  # [B, Hkv, C]
         mask = used.repeat_interleave(Q_HEADS // KV_HEADS, 1)[:, :, None, :]  # [B, Hq, 1, C]
         full_lengths = torch.full((B, KV_HEADS), L, dtype=torch.int32, device=device)
-        copies.append(dict(q=q, k=k, v=v, kc=kc, vc=vc, lengths=lengths, mask=mask, full_lengths=full_lengths))
+        copies.append(
+            dict(q=q, k=k, v=v, kc=kc, vc=vc, lengths=lengths, mask=mask, full_lengths=full_lengths)
+        )
     return copies
 
 
 def calls_for(copies):
     return {
-        "dense_sdpa": [lambda c=c: F.scaled_dot_product_attention(c["q"], c["k"], c["v"], enable_gqa=True)
-                       for c in copies],
-        "masked_sdpa": [lambda c=c: F.scaled_dot_product_attention(c["q"], c["kc"], c["vc"], attn_mask=c["mask"],
-                                                                   enable_gqa=True) for c in copies],
-        "decode_attention": [lambda c=c: sparse_attn.decode_attention(c["q"], c["kc"], c["vc"], c["lengths"])
-                             for c in copies],
-        "decode_attention_full": [lambda c=c: sparse_attn.decode_attention(c["q"], c["k"], c["v"], c["full_lengths"])
-                                  for c in copies],
+        "dense_sdpa": [
+            lambda c=c: F.scaled_dot_product_attention(c["q"], c["k"], c["v"], enable_gqa=True)
+            for c in copies
+        ],
+        "masked_sdpa": [
+            lambda c=c: F.scaled_dot_product_attention(
+                c["q"], c["kc"], c["vc"], attn_mask=c["mask"], enable_gqa=True
+            )
+            for c in copies
+        ],
+        "decode_attention": [
+            lambda c=c: sparse_attn.decode_attention(c["q"], c["kc"], c["vc"], c["lengths"])
+            for c in copies
+        ],
+        "decode_attention_full": [
+            lambda c=c: sparse_attn.decode_attention(c["q"], c["k"], c["v"], c["full_lengths"])
+            for c in copies
+        ],
     }
 
 
@@ -82,24 +94,40 @@ def check_outputs(copies):
     """The three methods agree where they should: decode_attention == masked SDPA."""
     c = copies[0]
     a = sparse_attn.decode_attention(c["q"], c["kc"], c["vc"], c["lengths"]).float()
-    b = F.scaled_dot_product_attention(c["q"], c["kc"], c["vc"], attn_mask=c["mask"], enable_gqa=True).float()
+    b = F.scaled_dot_product_attention(
+        c["q"], c["kc"], c["vc"], attn_mask=c["mask"], enable_gqa=True
+    ).float()
     err = (a - b).abs().max().item()
-    assert err < (1e-4 if c["q"].dtype == torch.float32 else 3e-2), f"decode_attention differs from SDPA by {err}"
+    assert err < (1e-4 if c["q"].dtype == torch.float32 else 3e-2), (
+        f"decode_attention differs from SDPA by {err}"
+    )
     return err
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--taus", type=float, nargs="+", default=[0.10, 0.25, 0.50])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--quick", action="store_true", help="contexts 4k / 16k, batch 1, fewer calls")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for every method (default: torch's choice); on a "
-                             "machine shared with other jobs, 1 avoids timing the wait for a second core")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_attention_<device>.json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="contexts 4k / 16k, batch 1, fewer calls"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for every method (default: torch's choice); on a "
+        "machine shared with other jobs, 1 avoids timing the wait for a second core",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default bench/results/decode_attention_<device>.json)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +138,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     rows = []
-    header = (f"{'dtype':5} {'B':>2} {'L':>6} {'tau':>5} | {'dense':>8} {'masked':>8} {'own full':>8} {'decode':>8} ms | "
-              f"{'x dense':>7} {'x own':>6} {'bytes x':>7} | {'GB/s':>6}")
+    header = (
+        f"{'dtype':5} {'B':>2} {'L':>6} {'tau':>5} | {'dense':>8} {'masked':>8} {'own full':>8} {'decode':>8} ms | "
+        f"{'x dense':>7} {'x own':>6} {'bytes x':>7} | {'GB/s':>6}"
+    )
     print(header)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
@@ -125,7 +155,11 @@ def main() -> None:
                     copies = make_copies(B, L, tau, dtype, args.device, n_copies, gen)
                     err = check_outputs(copies)
                     big = full_bytes * (1 if cuda else B) >= 2**29
-                    repeats = (Repeats(rounds=2, warmup_s=0.0, runs=3) if args.quick or big else Repeats(rounds=3, warmup_s=0.2, runs=5))
+                    repeats = (
+                        Repeats(rounds=2, warmup_s=0.0, runs=3)
+                        if args.quick or big
+                        else Repeats(rounds=3, warmup_s=0.2, runs=5)
+                    )
                     if cuda:
                         repeats = Repeats(rounds=4, warmup_s=0.1, runs=50)
                     times = timer(calls_for(copies), repeats)
@@ -137,29 +171,55 @@ def main() -> None:
                     speedup_full = ms["decode_attention_full"] / ms["decode_attention"]
                     bytes_ratio = 1 / tau_measured
                     read_bytes = 2 * held * HEAD_DIM * dtype.itemsize
-                    row = dict(dtype=dname, batch=B, context=L, tau=tau, tau_measured=tau_measured,
-                               dense_sdpa_ms=ms["dense_sdpa"], masked_sdpa_ms=ms["masked_sdpa"],
-                               decode_attention_ms=ms["decode_attention"],
-                               decode_attention_full_ms=ms["decode_attention_full"],
-                               speedup_vs_dense=speedup, speedup_vs_masked=ms["masked_sdpa"] / ms["decode_attention"],
-                               speedup_vs_own_full=speedup_full,
-                               bytes_ratio=bytes_ratio, efficiency_vs_bytes_bound=speedup / bytes_ratio,
-                               efficiency_vs_bytes_bound_own_full=speedup_full / bytes_ratio,
-                               decode_attention_gb_per_s=read_bytes / ms["decode_attention"] / 1e6,
-                               dense_sdpa_gb_per_s=full_bytes / ms["dense_sdpa"] / 1e6,
-                               min_ms=min_ms, max_abs_diff_vs_masked_sdpa=err, samples={k: v for k, v in times.items()})
+                    row = dict(
+                        dtype=dname,
+                        batch=B,
+                        context=L,
+                        tau=tau,
+                        tau_measured=tau_measured,
+                        dense_sdpa_ms=ms["dense_sdpa"],
+                        masked_sdpa_ms=ms["masked_sdpa"],
+                        decode_attention_ms=ms["decode_attention"],
+                        decode_attention_full_ms=ms["decode_attention_full"],
+                        speedup_vs_dense=speedup,
+                        speedup_vs_masked=ms["masked_sdpa"] / ms["decode_attention"],
+                        speedup_vs_own_full=speedup_full,
+                        bytes_ratio=bytes_ratio,
+                        efficiency_vs_bytes_bound=speedup / bytes_ratio,
+                        efficiency_vs_bytes_bound_own_full=speedup_full / bytes_ratio,
+                        decode_attention_gb_per_s=read_bytes / ms["decode_attention"] / 1e6,
+                        dense_sdpa_gb_per_s=full_bytes / ms["dense_sdpa"] / 1e6,
+                        min_ms=min_ms,
+                        max_abs_diff_vs_masked_sdpa=err,
+                        samples={k: v for k, v in times.items()},
+                    )
                     rows.append(row)
-                    print(f"{dname:5} {B:>2} {L:>6} {tau_measured:5.3f} | {ms['dense_sdpa']:8.3f} {ms['masked_sdpa']:8.3f} "
-                          f"{ms['decode_attention_full']:8.3f} {ms['decode_attention']:8.3f}    | {speedup:7.2f} "
-                          f"{speedup_full:6.2f} {bytes_ratio:7.2f} | {row['decode_attention_gb_per_s']:6.2f}", flush=True)
+                    print(
+                        f"{dname:5} {B:>2} {L:>6} {tau_measured:5.3f} | {ms['dense_sdpa']:8.3f} {ms['masked_sdpa']:8.3f} "
+                        f"{ms['decode_attention_full']:8.3f} {ms['decode_attention']:8.3f}    | {speedup:7.2f} "
+                        f"{speedup_full:6.2f} {bytes_ratio:7.2f} | {row['decode_attention_gb_per_s']:6.2f}",
+                        flush=True,
+                    )
                     del copies
 
     out = args.out or RESULTS / f"decode_attention_{args.device}.json"
-    settings = dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, new_tokens=1, contexts=contexts,
-                    batches=batches, taus=args.taus, dtypes=args.dtypes, quick=args.quick,
-                    threads=torch.get_num_threads(), command="python " + " ".join(__import__("sys").argv))
+    settings = dict(
+        q_heads=Q_HEADS,
+        kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        new_tokens=1,
+        contexts=contexts,
+        batches=batches,
+        taus=args.taus,
+        dtypes=args.dtypes,
+        quick=args.quick,
+        threads=torch.get_num_threads(),
+        command="python " + " ".join(__import__("sys").argv),
+    )
     with open(out, "w") as f:
-        json.dump(dict(environment=environment(args.device), settings=settings, rows=rows), f, indent=1)
+        json.dump(
+            dict(environment=environment(args.device), settings=settings, rows=rows), f, indent=1
+        )
     print(f"wrote {out}")
 
 

@@ -118,7 +118,9 @@ def projected_prompt(model, prompt: torch.Tensor):
     for layer in model.model.layers:
         attn, x = layer.self_attn, layer.input_layernorm(embeds)
         shape = (*prompt.shape, -1, HEAD_DIM)
-        q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (
+            proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         states.append((q, k, v))
     return states

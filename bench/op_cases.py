@@ -3,10 +3,11 @@
 Each case times one op of sparse_attn against its plain-PyTorch reference (sparse_attn.reference,
 same signature) at the Qwen2.5-7B attention shape: 28 query heads, 4 KV heads, d = 128.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -68,8 +69,12 @@ def topp_select_case(rows: int, length: int, p: float) -> Case:
         return (peaked_scores(rows, length, gen).to(device), p), {}
 
     return Case(
-        "topp_select", f"{rows}x{length},p={p}", f"[{rows}, {length}]", torch.float32,
-        make_inputs, floor_bytes=rows * length * 4,
+        "topp_select",
+        f"{rows}x{length},p={p}",
+        f"[{rows}, {length}]",
+        torch.float32,
+        make_inputs,
+        floor_bytes=rows * length * 4,
         floor_note="one read of the scores (docs/design.md#targets: within 2x)",
         baseline=sort_cumsum_searchsorted,
     )
@@ -84,9 +89,13 @@ def cumulative_scores_case(keys: int, dtype: torch.dtype) -> Case:
 
     read = (Q_HEADS * N_PROBES + KV_HEADS * keys) * HEAD_DIM * dtype.itemsize
     return Case(
-        "cumulative_scores", f"Lk={keys}", f"q [1, {Q_HEADS}, {N_PROBES}, {HEAD_DIM}], "
-        f"k [1, {KV_HEADS}, {keys}, {HEAD_DIM}]", dtype, make_inputs,
-        floor_bytes=read + KV_HEADS * keys * 4, floor_note="q and k read, fp32 scores written",
+        "cumulative_scores",
+        f"Lk={keys}",
+        f"q [1, {Q_HEADS}, {N_PROBES}, {HEAD_DIM}], k [1, {KV_HEADS}, {keys}, {HEAD_DIM}]",
+        dtype,
+        make_inputs,
+        floor_bytes=read + KV_HEADS * keys * 4,
+        floor_note="q and k read, fp32 scores written",
         flops=2 * Q_HEADS * N_PROBES * keys * HEAD_DIM,  # q . k once (the kernel does two passes)
     )
 
@@ -105,8 +114,12 @@ def gather_kv_case(length: int, dtype: torch.dtype) -> Case:
         return tuple(x.to(device) for x in (k, v, indices, counts)), {}
 
     return Case(
-        "gather_kv", f"L={length}", f"[1, {KV_HEADS}, {length}, {HEAD_DIM}]",
-        dtype, make_inputs, floor_bytes=2 * 2 * KV_HEADS * kept * HEAD_DIM * dtype.itemsize,
+        "gather_kv",
+        f"L={length}",
+        f"[1, {KV_HEADS}, {length}, {HEAD_DIM}]",
+        dtype,
+        make_inputs,
+        floor_bytes=2 * 2 * KV_HEADS * kept * HEAD_DIM * dtype.itemsize,
         floor_note="kept k and v read and written",
     )
 
@@ -125,8 +138,12 @@ def scatter_kv_case(batch: int, capacity: int, dtype: torch.dtype) -> Case:
         return tuple(x.to(device) for x in (k_cache, v_cache, k, v, lengths)), {}
 
     return Case(
-        "scatter_kv", f"B={batch},C={capacity}", f"[{batch}, {KV_HEADS}, {capacity}, {HEAD_DIM}]",
-        dtype, make_inputs, floor_bytes=2 * 2 * batch * KV_HEADS * HEAD_DIM * dtype.itemsize,
+        "scatter_kv",
+        f"B={batch},C={capacity}",
+        f"[{batch}, {KV_HEADS}, {capacity}, {HEAD_DIM}]",
+        dtype,
+        make_inputs,
+        floor_bytes=2 * 2 * batch * KV_HEADS * HEAD_DIM * dtype.itemsize,
         floor_note="the new k and v token read and written",
     )
 

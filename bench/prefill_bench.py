@@ -96,7 +96,9 @@ def dense_attention(q, k, v, scale):
     """What transformers' SDPA path runs for one unpadded prompt: causal, GQA inside SDPA."""
     if q.is_cuda:
         with sdpa_kernel(FLASH_FIRST, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
@@ -126,8 +128,12 @@ def attention_rows(args) -> list[dict]:
     for L in args.lengths:
         gen = torch.Generator(device=args.device).manual_seed(L)
         # [B, H, L, D] views of [B, L, H, D] tensors: the layout of transformers' projections
-        q, k, v = (torch.randn((1, L, h, HEAD_DIM), generator=gen, device=args.device).to(args.dtype).transpose(1, 2)
-                   for h in (Q_HEADS, KV_HEADS, KV_HEADS))
+        q, k, v = (
+            torch.randn((1, L, h, HEAD_DIM), generator=gen, device=args.device)
+            .to(args.dtype)
+            .transpose(1, 2)
+            for h in (Q_HEADS, KV_HEADS, KV_HEADS)
+        )
         scores = cumulative_scores(q[:, :, -N_PROBE:], k, scale=scale).sum(1)[0]
         variants = {"dense": lambda q=q, k=k, v=v: dense_attention(q, k, v, scale)}
         setup = {}
@@ -142,7 +148,9 @@ def attention_rows(args) -> list[dict]:
             setup[tau] = (p, width)
             variants[f"sparse@{tau}"] = lambda p=p, q=q, k=k, v=v: sparse_prefill(q, k, v, scale, p)
             variants[f"attention_only@{tau}"] = (
-                lambda a=(keys, values, positions, lengths, width), q=q: sparse_prefill_attention(q, *a, scale)
+                lambda a=(keys, values, positions, lengths, width), q=q: sparse_prefill_attention(
+                    q, *a, scale
+                )
             )
         repeats = args.repeats if L <= 8192 else max(1, args.repeats // 2)
         with torch.inference_mode():
@@ -152,15 +160,29 @@ def attention_rows(args) -> list[dict]:
             p, width = setup[tau]
             sparse_ms = statistics.median(times[f"sparse@{tau}"])
             attention_ms = statistics.median(times[f"attention_only@{tau}"])
-            rows.append(dict(
-                length=L, tau=tau, kept=width, p=p, repeats=repeats, dense_ms=dense_ms, sparse_ms=sparse_ms,
-                sparse_attention_only_ms=attention_ms, speedup=dense_ms / sparse_ms,
-                attention_only_speedup=dense_ms / attention_ms, ideal_attention_speedup=1 / tau**2,
-                dense_times_ms=times["dense"], sparse_times_ms=times[f"sparse@{tau}"],
-            ))
-            print(f"L={L:>6} tau={tau:.2f} kept={width:>6}  dense {dense_ms:9.1f} ms  sparse {sparse_ms:9.1f} ms "
-                  f"({dense_ms / sparse_ms:5.2f}x)  attention only {attention_ms:9.1f} ms "
-                  f"({dense_ms / attention_ms:5.2f}x, ideal {1 / tau**2:.0f}x)", flush=True)
+            rows.append(
+                dict(
+                    length=L,
+                    tau=tau,
+                    kept=width,
+                    p=p,
+                    repeats=repeats,
+                    dense_ms=dense_ms,
+                    sparse_ms=sparse_ms,
+                    sparse_attention_only_ms=attention_ms,
+                    speedup=dense_ms / sparse_ms,
+                    attention_only_speedup=dense_ms / attention_ms,
+                    ideal_attention_speedup=1 / tau**2,
+                    dense_times_ms=times["dense"],
+                    sparse_times_ms=times[f"sparse@{tau}"],
+                )
+            )
+            print(
+                f"L={L:>6} tau={tau:.2f} kept={width:>6}  dense {dense_ms:9.1f} ms  sparse {sparse_ms:9.1f} ms "
+                f"({dense_ms / sparse_ms:5.2f}x)  attention only {attention_ms:9.1f} ms "
+                f"({dense_ms / attention_ms:5.2f}x, ideal {1 / tau**2:.0f}x)",
+                flush=True,
+            )
     return rows
 
 
@@ -168,8 +190,12 @@ def ttft_model(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=Q_HEADS * HEAD_DIM, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS,
+        vocab_size=args.vocab,
+        hidden_size=Q_HEADS * HEAD_DIM,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS,
         max_position_embeddings=args.ttft_length + 8,
     )
     torch.manual_seed(0)
@@ -199,7 +225,11 @@ def ttft_rows(args) -> list[dict]:
     ratios = {}
 
     def run(name, prefill=None):
-        policy = None if prefill is None else TopPPolicy(rule="top_k", keep_ratio=args.ttft_tau, prefill=prefill)
+        policy = (
+            None
+            if prefill is None
+            else TopPPolicy(rule="top_k", keep_ratio=args.ttft_tau, prefill=prefill)
+        )
         cache = first_token(policy)
         ratios[name] = 1.0 if cache is None else cache.token_ratio
 
@@ -214,11 +244,22 @@ def ttft_rows(args) -> list[dict]:
     rows = []
     for name, t in times.items():
         ms = statistics.median(t)
-        rows.append(dict(method=name, rule=None if "sdpa" in name else f"top_k keep_ratio={args.ttft_tau}",
-                         length=args.ttft_length, ttft_ms=ms, times_ms=t,
-                         token_ratio=ratios[name], speedup_vs_dense_prefill=dense_ms / ms))
-        print(f"TTFT {name:>20}: {ms:9.1f} ms  token ratio {ratios[name]:.3f}  "
-              f"({dense_ms / ms:.2f}x vs prefill=dense)", flush=True)
+        rows.append(
+            dict(
+                method=name,
+                rule=None if "sdpa" in name else f"top_k keep_ratio={args.ttft_tau}",
+                length=args.ttft_length,
+                ttft_ms=ms,
+                times_ms=t,
+                token_ratio=ratios[name],
+                speedup_vs_dense_prefill=dense_ms / ms,
+            )
+        )
+        print(
+            f"TTFT {name:>20}: {ms:9.1f} ms  token ratio {ratios[name]:.3f}  "
+            f"({dense_ms / ms:.2f}x vs prefill=dense)",
+            flush=True,
+        )
     return rows
 
 
@@ -233,8 +274,12 @@ def parse_args():
     ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--no-attention", action="store_true", help="TTFT only")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=None,
-                    help="MLP width: 18944 (7B, CUDA default); 1024 on CPU, where the 7B MLP takes minutes a call")
+    ap.add_argument(
+        "--intermediate",
+        type=int,
+        default=None,
+        help="MLP width: 18944 (7B, CUDA default); 1024 on CPU, where the 7B MLP takes minutes a call",
+    )
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--ttft-length", type=int, default=None)
     ap.add_argument("--ttft-tau", type=float, default=0.25)
@@ -254,9 +299,16 @@ def main():
     args = parse_args()
     env = environment(args.device) | {"transformers": transformers.__version__}
     settings = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()}
-    print(f"prefill benchmark on {env['device']} ({args.dtype}), load average {env['load_average_at_start']:.1f}")
-    result = {"environment": env, "settings": settings,
-              "shape": dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, n_probe=N_PROBE, batch=1)}
+    print(
+        f"prefill benchmark on {env['device']} ({args.dtype}), load average {env['load_average_at_start']:.1f}"
+    )
+    result = {
+        "environment": env,
+        "settings": settings,
+        "shape": dict(
+            q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, n_probe=N_PROBE, batch=1
+        ),
+    }
     if not args.no_attention:
         result["attention"] = attention_rows(args)
     if not args.no_ttft:

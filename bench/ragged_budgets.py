@@ -22,8 +22,8 @@ import statistics
 import torch
 from run_op_bench import RESULTS, environment  # bench/run_op_bench.py
 
-from sparse_attn import TopPCache, TopPPolicy, enable, topp_select
 from sf_train.worlds.registry import EMBEDDED_TASKS
+from sparse_attn import TopPCache, TopPPolicy, enable, topp_select
 
 
 def padding_fractions(cache: TopPCache) -> list[float]:

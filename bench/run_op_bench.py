@@ -10,6 +10,7 @@ and the inputs rotated over enough copies to exceed twice the L2 cache. Each CUD
 its floors: the bytes it must move over the measured device-to-device copy bandwidth (read +
 write), and the flops it must do over the measured bf16 matmul throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +22,16 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import cycle, islice
 from pathlib import Path
-from typing import Callable
 
 import torch
+from op_cases import Case, Inputs, cases, dtype_name
 
 import sparse_attn
-from op_cases import Case, Inputs, cases, dtype_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_INPUT_COPIES = 64
@@ -98,7 +99,9 @@ def times_ms_cuda(calls: dict[str, list[Callable]], repeats: Repeats) -> dict[st
                 end.record()
                 events[name].append((start, end))
     torch.cuda.synchronize()
-    return {name: [start.elapsed_time(end) for start, end in pairs] for name, pairs in events.items()}
+    return {
+        name: [start.elapsed_time(end) for start, end in pairs] for name, pairs in events.items()
+    }
 
 
 def measure_cuda_peaks(repeats: Repeats) -> DevicePeaks:
@@ -186,8 +189,11 @@ def cpu_model() -> str:
 def git_commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -233,7 +239,9 @@ COLUMNS = {
     "op ms": lambda r: median_and_min(r, "op"),
     "reference ms": lambda r: median_and_min(r, "reference"),
     "op vs reference": lambda r: f"{r['speedup_vs_reference']:.2f}x",
-    "baseline ms": lambda r: f"{median_and_min(r, 'baseline')} {r['baseline']}" if "baseline" in r else "",
+    "baseline ms": lambda r: (
+        f"{median_and_min(r, 'baseline')} {r['baseline']}" if "baseline" in r else ""
+    ),
     "op vs baseline": lambda r: f"{r['speedup_vs_baseline']:.2f}x" if "baseline" in r else "",
 }
 FLOOR_COLUMNS = {
@@ -259,7 +267,8 @@ def markdown(report: dict) -> str:
         f"{env['date']}. {env['cpu_cores']} CPU cores ({env['cpu']}, {env['cpu_capability']}), "
         f"torch threads: {env['torch_threads']}; 1-minute load average "
         f"{env['load_average_at_start']:.2f} at the start, {env['load_average_at_end']:.2f} at the end"
-        + contention(env) + ".",
+        + contention(env)
+        + ".",
         f"Median of {repeats['rounds'] * repeats['runs']} runs (rounds: {repeats['rounds']}, each "
         f"after {repeats['warmup_s']} s of warm-up). Times: median (min) in ms; the op's speedups "
         "from the medians, above 1x = op faster.",
@@ -272,7 +281,9 @@ def markdown(report: dict) -> str:
             f"(read + write), bf16 matmul {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s."
         )
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in report["cases"]]
+    lines += [
+        "| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in report["cases"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -284,8 +295,11 @@ def run(device: str, repeats: Repeats) -> dict:
     results = []
     for case in cases(device):
         results.append(measure(case, device, repeats, peaks))
-        print(f"{case.name}: op {format_ms(results[-1]['op_ms'])} ms, "
-              f"reference {format_ms(results[-1]['reference_ms'])} ms", flush=True)
+        print(
+            f"{case.name}: op {format_ms(results[-1]['op_ms'])} ms, "
+            f"reference {format_ms(results[-1]['reference_ms'])} ms",
+            flush=True,
+        )
     env["load_average_at_end"] = os.getloadavg()[0]
     if stall_at_start is not None:  # near 0 on a machine to ourselves
         waited_s = cpu_stall_s() - stall_at_start
@@ -302,9 +316,13 @@ def main() -> None:
     gpu_ready = torch.cuda.is_available() and sparse_attn.cuda_kernels_built()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if gpu_ready else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer runs: a smoke test, not figures")
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: torch's). On a machine whose cores "
+        "--quick", action="store_true", help="fewer runs: a smoke test, not figures"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's). On a machine whose cores "
         "other processes also use, 1 avoids timing the waits of the thread pool for a busy core",
     )
     args = parser.parse_args()

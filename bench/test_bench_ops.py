@@ -5,15 +5,18 @@ Not part of the test run (testpaths = ["tests"], --benchmark-disable). Run it wi
     pytest bench/test_bench_ops.py --benchmark-enable
 bench/run_op_bench.py times the same cases with CUDA events and writes bench/results/.
 """
+
 import functools
 
 import pytest
 import torch
-
-import sparse_attn
 from op_cases import cases
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and sparse_attn.cuda_kernels_built() else [])
+import sparse_attn
+
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and sparse_attn.cuda_kernels_built() else []
+)
 RUNS = [
     pytest.param(device, case, name, id=f"{device}-{case.name}-{name}")
     for device in DEVICES

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), compile every CUDA kernel with nvcc (no GPU needed), run the tests.
+# Set up (scripts/setup.sh), compile every CUDA kernel with nvcc (no GPU needed), check the
+# formatting and lint (ruff), run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,6 +14,10 @@ if command -v nvcc >/dev/null 2>&1; then
 else
   echo "== nvcc not found: CUDA compile check skipped =="
 fi
+
+echo "== ruff (format + lint) =="
+ruff format --check .
+ruff check .
 
 echo "== tests =="
 python -m pytest -q tests "$@"

@@ -16,13 +16,14 @@ the token ratio, which the prefill's selection alone sets) to match ``target_rat
 top-p's ratio at deploy_p on that slice - then every rule is evaluated on the held-out samples,
 along with a small accuracy-vs-token-ratio curve per rule.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from sparse_attn.policy import TopPPolicy
 from sparse_attn.progress import progress
@@ -49,15 +50,34 @@ def _config_policy(config: SFConfig, **rule_fields) -> TopPPolicy:
 
 
 RULES = {
-    "top_p": Rule("top_p", "p", lambda c, p: c.policy(p), (1e-3, 1.0), True,
-                  (0.5, 0.8, 0.9, 0.95, 0.99)),
-    "top_k": Rule("top_k", "keep_ratio", lambda c, r: _config_policy(c, rule="top_k", keep_ratio=r),
-                  (1e-3, 1.0), True, (0.1, 0.25, 0.5, 0.75, 0.9)),
-    "threshold": Rule("threshold", "threshold",
-                      lambda c, t: _config_policy(c, rule="threshold", threshold=t),
-                      (1e-3, 1e3), False, (2.0, 1.0, 0.75, 0.5, 0.25), geometric=True),
-    "fastv": Rule("fastv", "keep_ratio", lambda c, r: TopPPolicy.fastv(r, prefill=c.prefill), (1e-3, 1.0), True,
-                  (0.1, 0.25, 0.5, 0.75, 0.9)),
+    "top_p": Rule(
+        "top_p", "p", lambda c, p: c.policy(p), (1e-3, 1.0), True, (0.5, 0.8, 0.9, 0.95, 0.99)
+    ),
+    "top_k": Rule(
+        "top_k",
+        "keep_ratio",
+        lambda c, r: _config_policy(c, rule="top_k", keep_ratio=r),
+        (1e-3, 1.0),
+        True,
+        (0.1, 0.25, 0.5, 0.75, 0.9),
+    ),
+    "threshold": Rule(
+        "threshold",
+        "threshold",
+        lambda c, t: _config_policy(c, rule="threshold", threshold=t),
+        (1e-3, 1e3),
+        False,
+        (2.0, 1.0, 0.75, 0.5, 0.25),
+        geometric=True,
+    ),
+    "fastv": Rule(
+        "fastv",
+        "keep_ratio",
+        lambda c, r: TopPPolicy.fastv(r, prefill=c.prefill),
+        (1e-3, 1.0),
+        True,
+        (0.1, 0.25, 0.5, 0.75, 0.9),
+    ),
 }
 
 
@@ -74,12 +94,22 @@ def _has_visual_tokens(model) -> bool:
 def calibration_ratio(model, task, policy_for, knob: float, calibration: int) -> float:
     """Token ratio of one knob on the first ``calibration`` train samples. With reselect_every
     = 0 the only selection follows the prefill, so one decoded token is enough to see it."""
-    result = evaluate(model, task, policy_for, [knob], samples=calibration, max_new_tokens=1, split="train")
+    result = evaluate(
+        model, task, policy_for, [knob], samples=calibration, max_new_tokens=1, split="train"
+    )
     return result[knob]["token_ratio"]
 
 
-def match_knob(model, task, config: SFConfig, rule: Rule, target_ratio: float, *,
-               calibration: int, steps: int = 12) -> dict:
+def match_knob(
+    model,
+    task,
+    config: SFConfig,
+    rule: Rule,
+    target_ratio: float,
+    *,
+    calibration: int,
+    steps: int = 12,
+) -> dict:
     """The knob of ``rule`` whose calibration token ratio is closest to ``target_ratio``, among
     the interval's ends and ``steps`` bisection points: {knob, calibration_ratio}."""
     policy_for = lambda k: rule.make_policy(config, k)  # noqa: E731
@@ -98,8 +128,16 @@ def match_knob(model, task, config: SFConfig, rule: Rule, target_ratio: float, *
     return {"knob": knob, "calibration_ratio": tau}
 
 
-def compare_rules(model, task, config: SFConfig, target_ratio: float | None = None, samples: int = 32, *,
-                  calibration: int = 32, rules: tuple[str, ...] = tuple(RULES)) -> dict:
+def compare_rules(
+    model,
+    task,
+    config: SFConfig,
+    target_ratio: float | None = None,
+    samples: int = 32,
+    *,
+    calibration: int = 32,
+    rules: tuple[str, ...] = tuple(RULES),
+) -> dict:
     """Accuracy and token ratio of each rule at a matched token ratio, and per-rule curves.
 
     target_ratio: the token ratio to match; None: top-p's at config.deploy_p on the calibration
@@ -115,8 +153,13 @@ def compare_rules(model, task, config: SFConfig, target_ratio: float | None = No
     top_p_ratio = calibration_ratio(model, task, config.policy, config.deploy_p, calibration)
     if target_ratio is None:
         target_ratio = top_p_ratio
-    report = {"target_ratio": target_ratio, "deploy_p": config.deploy_p, "samples": samples,
-              "calibration_samples": calibration, "rules": {}}
+    report = {
+        "target_ratio": target_ratio,
+        "deploy_p": config.deploy_p,
+        "samples": samples,
+        "calibration_samples": calibration,
+        "rules": {},
+    }
     for name in progress(rules, desc="baselines", unit="rule"):
         rule = RULES[name]
         if name == "top_p":
@@ -124,12 +167,24 @@ def compare_rules(model, task, config: SFConfig, target_ratio: float | None = No
         else:
             matched = match_knob(model, task, config, rule, target_ratio, calibration=calibration)
         knobs = sorted({*rule.curve, matched["knob"]})
-        results = evaluate(model, task, lambda k: rule.make_policy(config, k), knobs, samples=samples,
-                           max_new_tokens=config.max_new_tokens)
-        point = lambda k: {"knob": k, **{key: v for key, v in results[k].items() if key != "samples"}}  # noqa: E731
+        results = evaluate(
+            model,
+            task,
+            lambda k: rule.make_policy(config, k),  # noqa: B023 (called in this iteration)
+            knobs,
+            samples=samples,
+            max_new_tokens=config.max_new_tokens,
+        )
+        point = lambda k: {
+            "knob": k,
+            **{key: v for key, v in results[k].items() if key != "samples"},  # noqa: B023
+        }  # noqa: E731
         report["rules"][name] = {
             "knob": rule.knob,
-            "matched": {**point(matched["knob"]), "calibration_ratio": matched["calibration_ratio"]},
+            "matched": {
+                **point(matched["knob"]),
+                "calibration_ratio": matched["calibration_ratio"],
+            },
             "curve": sorted((point(k) for k in knobs), key=lambda r: r["token_ratio"]),
             "policy": dataclasses.asdict(rule.make_policy(config, matched["knob"])),
         }
@@ -151,12 +206,24 @@ def plot_rules(reports: dict[str, dict], path: str | Path) -> None:
         style = styles.get(report_name, ":")
         for name, rule in report["rules"].items():
             curve, matched = rule["curve"], rule["matched"]
-            ax.plot([c["token_ratio"] for c in curve], [c["accuracy"] for c in curve], style, marker="o",
-                    markersize=3, color=colours[name], label=f"{name} ({report_name})")
-            ax.plot(matched["token_ratio"], matched["accuracy"], "*", markersize=11, color=colours[name])
+            ax.plot(
+                [c["token_ratio"] for c in curve],
+                [c["accuracy"] for c in curve],
+                style,
+                marker="o",
+                markersize=3,
+                color=colours[name],
+                label=f"{name} ({report_name})",
+            )
+            ax.plot(
+                matched["token_ratio"], matched["accuracy"], "*", markersize=11, color=colours[name]
+            )
         ax.axvline(report["target_ratio"], color="grey", linestyle=style, linewidth=0.8)
-    ax.set(xlabel="token ratio (kept / existing)", ylabel="accuracy",
-           title="KV selection rules (stars: matched token ratio)")
+    ax.set(
+        xlabel="token ratio (kept / existing)",
+        ylabel="accuracy",
+        title="KV selection rules (stars: matched token ratio)",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +232,16 @@ def plot_rules(reports: dict[str, dict], path: str | Path) -> None:
 
 
 def format_table(reports: dict[str, dict]) -> str:
-    lines = ["| model | rule | knob | accuracy | token ratio | visual ratio |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | rule | knob | accuracy | token ratio | visual ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for report_name, report in reports.items():
         for name, rule in report["rules"].items():
             m = rule["matched"]
             visual = "-" if m["visual_token_ratio"] is None else f"{m['visual_token_ratio']:.3f}"
-            lines.append(f"| {report_name} | {name} | {rule['knob']}={m['knob']:.4g} | {m['accuracy']:.3f} | "
-                         f"{m['token_ratio']:.3f} | {visual} |")
+            lines.append(
+                f"| {report_name} | {name} | {rule['knob']}={m['knob']:.4g} | {m['accuracy']:.3f} | "
+                f"{m['token_ratio']:.3f} | {visual} |"
+            )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Rollouts -> one training batch: the [prompt + completion] sequences of all rollouts of a step
 (p-major), their masks, old log-probs, advantages and recorded selections, and the log-probs of
 the completion tokens under one forward of that batch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def append_completions(inputs: dict, completions: Tensor) -> dict:
     """
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], completions], dim=1)
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(completions)], dim=1)
+    full["attention_mask"] = torch.cat(
+        [inputs["attention_mask"], torch.ones_like(completions)], dim=1
+    )
     for name in _TOKEN_TYPE_INPUTS:
         if name in inputs:
             full[name] = torch.cat([inputs[name], torch.zeros_like(completions)], dim=1)
@@ -63,7 +66,9 @@ class TrainingBatch:
     selections: list
 
 
-def training_batch(inputs: dict, groups: list[Rollouts], advantages: Tensor, pad_token_id: int) -> TrainingBatch:
+def training_batch(
+    inputs: dict, groups: list[Rollouts], advantages: Tensor, pad_token_id: int
+) -> TrainingBatch:
     """The [prompt + completion] sequences of all rollouts, p-major (row g * B + b);
     advantages [B, G]."""
     G, P = len(groups), inputs["input_ids"].shape[1]
@@ -80,7 +85,7 @@ def training_batch(inputs: dict, groups: list[Rollouts], advantages: Tensor, pad
     )
 
 
-def sequence_logp(model, batch: "TrainingBatch", temperature: float, suppressed: tuple[int, ...]):
+def sequence_logp(model, batch: TrainingBatch, temperature: float, suppressed: tuple[int, ...]):
     """(log-probs [N, T] of the completion tokens, entropy [N, T]) from one forward of the
     [prompt + completion] sequences: the logits at position i predict token i + 1."""
     logits = model(**batch.inputs).logits

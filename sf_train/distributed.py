@@ -58,7 +58,12 @@ def ensure_process_group(device: torch.device) -> None:
     """A one-process group when none is running (FSDP needs one; under torchrun, init_distributed
     has made the real one)."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+        )
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -67,7 +72,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names and hasattr(m, "self_attn")]
     if not layers:
-        raise ValueError(f"SFConfig.distributed='fsdp': found no decoder layers ({sorted(names)}) in {type(model).__name__}")
+        raise ValueError(
+            f"SFConfig.distributed='fsdp': found no decoder layers ({sorted(names)}) in {type(model).__name__}"
+        )
     return layers
 
 
@@ -80,8 +87,11 @@ def shard(model: nn.Module, bf16: bool) -> None:
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if bf16 else MixedPrecisionPolicy()
+    precision = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     fully_shard(model, mesh=mesh, mp_policy=precision)

@@ -1,4 +1,5 @@
 """The GRPO objective: PPO clip surrogate + beta * KL(policy || reference), per token."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -27,6 +27,7 @@ own attention among T replays the recorded set as a constant.
 attention scores of the prompt's last n_probe positions in this forward (what the rollout's
 selection ranked, under the sparse prefill too): SFConfig.soft_tau_weight's smoothed token ratio.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -62,10 +63,19 @@ def concat_selections(selections: list[list[PromptSelection]]) -> list[PromptSel
     for layer_parts in zip(*selections):
         modes = {part.prefill for part in layer_parts}
         if len(modes) != 1:
-            raise ValueError(f"cannot replay rollouts of different prefill modes in one batch: {sorted(modes)}")
+            raise ValueError(
+                f"cannot replay rollouts of different prefill modes in one batch: {sorted(modes)}"
+            )
         width = max(part.indices.shape[1] for part in layer_parts)
-        indices = torch.cat([F.pad(part.indices, (0, width - part.indices.shape[1]), value=-1) for part in layer_parts])
-        merged.append(PromptSelection(indices, torch.cat([part.counts for part in layer_parts]), modes.pop()))
+        indices = torch.cat(
+            [
+                F.pad(part.indices, (0, width - part.indices.shape[1]), value=-1)
+                for part in layer_parts
+            ]
+        )
+        merged.append(
+            PromptSelection(indices, torch.cat([part.counts for part in layer_parts]), modes.pop())
+        )
     return merged
 
 
@@ -88,7 +98,9 @@ class ReplayState:
     prompt_length: int
     gradient: SelectionGradient | None = None
     probe_scores: int | None = None  # n_probe: collect each layer's probe scores
-    scores: list[Tensor] = field(default_factory=list)  # per layer: float [N, P], summed over KV heads
+    scores: list[Tensor] = field(
+        default_factory=list
+    )  # per layer: float [N, P], summed over KV heads
 
 
 # transformers does not pass extra state to an attention function: the block hands it over
@@ -97,8 +109,13 @@ _replay = Handoff("replay of recorded selections")
 
 
 @contextmanager
-def replaying(selections: list[PromptSelection], prompt_length: int, gradient: SelectionGradient | None = None,
-              *, probe_scores: int | None = None):
+def replaying(
+    selections: list[PromptSelection],
+    prompt_length: int,
+    gradient: SelectionGradient | None = None,
+    *,
+    probe_scores: int | None = None,
+):
     """Within this block, forwards of a model using the replay attention replay ``selections``
     (one per decoder layer) over sequences whose first ``prompt_length`` positions are the
     prompt; with ``gradient``, through a straight-through keep mask. With ``probe_scores`` =
@@ -108,33 +125,59 @@ def replaying(selections: list[PromptSelection], prompt_length: int, gradient: S
         yield state
 
 
-def replay_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def replay_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """transformers attention function: the rollout's prefill for the prompt (sparse or dense),
     the recorded selection for the completion."""
     state = _replay.peek()
     layer_idx = getattr(module, "layer_idx", None)
     if state is None or layer_idx is None:  # not replaying, or a vision-tower attention
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     P, gradient = state.prompt_length, state.gradient
     selection = state.selections[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     prompt_mask = None if attention_mask is None else attention_mask[:, :, :P, :P]
     valid = key_validity(prompt_mask)
     if selection.prefill == "sparse":
-        prompt_out = _sparse_prompt_attention(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], prompt_mask,
-                                              valid, selection, scale, dropout, **kwargs)
+        prompt_out = _sparse_prompt_attention(
+            module,
+            query[:, :, :P],
+            key[:, :, :P],
+            value[:, :, :P],
+            prompt_mask,
+            valid,
+            selection,
+            scale,
+            dropout,
+            **kwargs,
+        )
     else:
         prompt_out, _ = sdpa_attention_forward(
-            module, query[:, :, :P], key[:, :, :P], value[:, :, :P], prompt_mask, dropout=dropout, scaling=scale,
-            **kwargs
+            module,
+            query[:, :, :P],
+            key[:, :, :P],
+            value[:, :, :P],
+            prompt_mask,
+            dropout=dropout,
+            scaling=scale,
+            **kwargs,
         )
     if state.probe_scores is not None:
         B = query.shape[0]
-        key_mask = torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
-        probes = query[:, :, :P][:, :, -state.probe_scores:]
-        state.scores.append(cumulative_scores(probes, key[:, :, :P], scale=scale, key_mask=key_mask).sum(1))
+        key_mask = (
+            torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
+        )
+        probes = query[:, :, :P][:, :, -state.probe_scores :]
+        state.scores.append(
+            cumulative_scores(probes, key[:, :, :P], scale=scale, key_mask=key_mask).sum(1)
+        )
     if gradient is None:
-        completion_out = _completion_attention(query[:, :, P:], key, value, P, selection, scale, dropout)
+        completion_out = _completion_attention(
+            query[:, :, P:], key, value, P, selection, scale, dropout
+        )
     else:
         if dropout:
             raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
@@ -143,8 +186,18 @@ def replay_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat([prompt_out, completion_out], dim=1), None
 
 
-def _sparse_prompt_attention(module, query, key, value, prompt_mask, valid, selection: PromptSelection, scale,
-                             dropout, **kwargs):
+def _sparse_prompt_attention(
+    module,
+    query,
+    key,
+    value,
+    prompt_mask,
+    valid,
+    selection: PromptSelection,
+    scale,
+    dropout,
+    **kwargs,
+):
     """The rollout's sparse prefill of one layer over the prompt [B, Hq, P, D]: what
     sparse_attn.attention ran, on the recorded kept set (gathered with gather_kv)."""
     B, _, P, _ = query.shape
@@ -157,13 +210,19 @@ def _sparse_prompt_attention(module, query, key, value, prompt_mask, valid, sele
     else:
         positions, lengths = indices.view(B, Hkv, N), counts.view(B, Hkv)
     if keeps_every_token(lengths, valid, P):  # as the rollout's prefill: T = every valid token
-        out, _ = sdpa_attention_forward(module, query, key, value, prompt_mask, dropout=dropout, scaling=scale, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, prompt_mask, dropout=dropout, scaling=scale, **kwargs
+        )
         return out
     kept_k, kept_v = gather_kv(key.contiguous(), value.contiguous(), indices, counts, capacity=N)
-    return sparse_prefill_attention(query, kept_k, kept_v, positions, lengths, int(lengths.max()), scale, dropout)
+    return sparse_prefill_attention(
+        query, kept_k, kept_v, positions, lengths, int(lengths.max()), scale, dropout
+    )
 
 
-def straight_through_keep(scores: Tensor, kept: Tensor, valid: Tensor, forced: Tensor, temperature: float) -> Tensor:
+def straight_through_keep(
+    scores: Tensor, kept: Tensor, valid: Tensor, forced: Tensor, temperature: float
+) -> Tensor:
     """float [R, L]: ``kept`` (0/1) in value; in gradient, each candidate's
     sigmoid((log score - log boundary) / temperature), the boundary being the row's lowest kept
     candidate score (its highest candidate score when none was kept). Forced and invalid
@@ -178,17 +237,27 @@ def straight_through_keep(scores: Tensor, kept: Tensor, valid: Tensor, forced: T
     return kept.to(soft.dtype) + (soft - soft.detach())
 
 
-def _layer_keep(query, key, valid, selection: PromptSelection, scale, gradient: SelectionGradient) -> Tensor:
+def _layer_keep(
+    query, key, valid, selection: PromptSelection, scale, gradient: SelectionGradient
+) -> Tensor:
     """float [B, P]: one layer's straight-through keep mask, from the prompt's probe attention
     recomputed differentiably (the cumulative_scores op's plain-PyTorch definition)."""
     B, _, P, _ = query.shape
     if selection.indices.shape[0] != B:
         raise ValueError("SelectionGradient needs one selection per row (granularity='layer')")
     valid = torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
-    probes = query[:, :, -gradient.n_probe:]
-    scores = cumulative_scores(probes, key, scale=scale, key_mask=valid).sum(1)  # the layer's budget
+    probes = query[:, :, -gradient.n_probe :]
+    scores = cumulative_scores(probes, key, scale=scale, key_mask=valid).sum(
+        1
+    )  # the layer's budget
     forced = forced_positions(valid, gradient.keep_first, gradient.keep_last, None)
-    return straight_through_keep(scores, indices_to_keep_mask(selection.indices, P) & valid, valid, forced, gradient.temperature)
+    return straight_through_keep(
+        scores,
+        indices_to_keep_mask(selection.indices, P) & valid,
+        valid,
+        forced,
+        gradient.temperature,
+    )
 
 
 def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Tensor:
@@ -199,11 +268,18 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
     Hkv, S = key.shape[1], key.shape[2]
     g = Hq // Hkv
     work = torch.promote_types(query.dtype, torch.float32)
-    folded = query.reshape(B, Hkv, g * T, D).to(work)  # rows (group member, t), as in _completion_attention
+    folded = query.reshape(B, Hkv, g * T, D).to(
+        work
+    )  # rows (group member, t), as in _completion_attention
     logits = scale * folded @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*T, P + T]
     causal = torch.ones(T, T, dtype=work, device=query.device).tril().repeat(g, 1)
-    weights = torch.cat([keep.to(work)[:, None, None, :].expand(B, Hkv, g * T, S - T),
-                         causal.expand(B, Hkv, g * T, T)], dim=-1)
+    weights = torch.cat(
+        [
+            keep.to(work)[:, None, None, :].expand(B, Hkv, g * T, S - T),
+            causal.expand(B, Hkv, g * T, T),
+        ],
+        dim=-1,
+    )
     shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
     # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
     e = torch.exp((logits - shift).clamp(max=30.0)) * weights
@@ -219,18 +295,24 @@ def _completion_attention(query, key, value, P, selection: PromptSelection, scal
     counts = selection.counts.to(query.device)
     indices = selection.indices.to(query.device)
     N = indices.shape[1]
-    kept_k, kept_v = gather_kv(key[:, :, :P].contiguous(), value[:, :, :P].contiguous(), indices, counts, capacity=N)
+    kept_k, kept_v = gather_kv(
+        key[:, :, :P].contiguous(), value[:, :, :P].contiguous(), indices, counts, capacity=N
+    )
     keys = torch.cat([kept_k, key[:, :, P:]], dim=2)
     values = torch.cat([kept_v, value[:, :, P:]], dim=2)
     # Slot visibility per KV head: kept slot c < count, completion j <= t.
     count_per_head = counts.view(B, -1).expand(B, Hkv)  # [B, Hkv]
     kept_visible = torch.arange(N, device=query.device) < count_per_head[..., None]  # [B, Hkv, N]
     causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
-    visible = torch.cat([kept_visible[:, :, None, :].expand(B, Hkv, T, N), causal.expand(B, Hkv, T, T)], dim=-1)
+    visible = torch.cat(
+        [kept_visible[:, :, None, :].expand(B, Hkv, T, N), causal.expand(B, Hkv, T, T)], dim=-1
+    )
     # One attention per KV head with its group's query heads folded into the query axis.
     folded = query.reshape(B, Hkv, g * T, D)
     visible = visible.repeat(1, 1, g, 1)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, dropout_p=dropout, scale=scale)
+    out = F.scaled_dot_product_attention(
+        folded, keys, values, attn_mask=visible, dropout_p=dropout, scale=scale
+    )
     return out.view(B, Hq, T, D).transpose(1, 2)
 
 

@@ -4,6 +4,7 @@ A group is the rollouts of one prompt, one per threshold p of the grid (multi-bu
 score_rollouts reads a step's rollouts into the two inputs of the reward, correctness and token
 ratio; the trainer and bench/sf_gradient_probe.py score the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ def efficiency_gate(correct: Tensor, gate: str = "group") -> Tensor:
     return correct.amax(dim=-1, keepdim=True).expand_as(correct) if gate == "group" else correct
 
 
-def joint_rewards(correct: Tensor, token_ratio: Tensor, *, gate: str = "group", weight: float = 1.0) -> Tensor:
+def joint_rewards(
+    correct: Tensor, token_ratio: Tensor, *, gate: str = "group", weight: float = 1.0
+) -> Tensor:
     """r_i = r_correct_i + weight * C * (1 - tau_i) for each rollout of each group.
 
     weight = 1 is the paper's reward. A larger weight keeps the efficiency term from being
@@ -59,7 +62,14 @@ def score_rollouts(task, samples: list, groups: list) -> tuple[Tensor, Tensor]:
     ``groups`` (one Rollouts per threshold p, each over the B ``samples``), judged by the
     TrainingTask's is_correct on the decoded completions."""
     texts = [task.decode(g.completions) for g in groups]  # [G][B]
-    correct = torch.tensor([[task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
-                             for g in range(len(groups))] for b, s in enumerate(samples)])
+    correct = torch.tensor(
+        [
+            [
+                task.is_correct(task.prompt(s), texts[g][b], task.answer(s))
+                for g in range(len(groups))
+            ]
+            for b, s in enumerate(samples)
+        ]
+    )
     tau = torch.stack([g.token_ratio for g in groups], dim=1).cpu()
     return correct, tau

@@ -1,4 +1,5 @@
 """Rollouts through the deployment pipeline: generate with a TopPCache at a threshold p."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
     return (~after_eos).float()
 
 
-def completion_logp(logits: Tensor, tokens: Tensor, temperature: float, suppressed: tuple[int, ...] = ()):
+def completion_logp(
+    logits: Tensor, tokens: Tensor, temperature: float, suppressed: tuple[int, ...] = ()
+):
     """(log pi(token), entropy) under the sampling distribution softmax(logits / temperature)
     with the ``suppressed`` token ids excluded - the distribution rollouts sample from."""
     logits = logits.float() / temperature
@@ -46,9 +49,18 @@ def completion_logp(logits: Tensor, tokens: Tensor, temperature: float, suppress
 
 
 @torch.no_grad()
-def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos_token_id: int,
-            pad_token_id: int, temperature: float | None, suppressed: tuple[int, ...] = (),
-            synced_gpus: bool = False) -> Rollouts:
+def rollout(
+    model,
+    inputs: dict,
+    policy: TopPPolicy,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float | None,
+    suppressed: tuple[int, ...] = (),
+    synced_gpus: bool = False,
+) -> Rollouts:
     """Decode every prompt of ``inputs`` (left-padded) once through a TopPCache with ``policy``.
 
     temperature None decodes greedily (evaluation); otherwise tokens are sampled from
@@ -60,18 +72,30 @@ def rollout(model, inputs: dict, policy: TopPPolicy, *, max_new_tokens: int, eos
     cache = TopPCache(policy, reserve=max_new_tokens)
     sample = temperature is not None
     generation = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, output_logits=sample, return_dict_in_generate=True,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=0 if sample else None,
+        top_p=1.0 if sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        output_logits=sample,
+        return_dict_in_generate=True,
         suppress_tokens=list(suppressed) or None,
     )
-    out = model.generate(**inputs, **{cache_argument(model): cache}, generation_config=generation,
-                         synced_gpus=synced_gpus)
+    out = model.generate(
+        **inputs,
+        **{cache_argument(model): cache},
+        generation_config=generation,
+        synced_gpus=synced_gpus,
+    )
     P = inputs["input_ids"].shape[1]
     completions = out.sequences[:, P:]
     logp = None
     if sample:  # out.logits are raw: the suppression is applied again, exactly as sampling did
-        logp, _ = completion_logp(torch.stack(out.logits, dim=1), completions, temperature, suppressed)
+        logp, _ = completion_logp(
+            torch.stack(out.logits, dim=1), completions, temperature, suppressed
+        )
     return Rollouts(
         p=policy.p,
         completions=completions,

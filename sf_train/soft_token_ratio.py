@@ -14,6 +14,7 @@ gradient raises the scores of the tokens at the top and lowers those near the bo
 concentrates the probes' attention - the direction the paper's efficiency reward asks for.
 SFConfig.soft_tau_weight adds it to the loss (0 = the paper's objective, unchanged).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,10 +35,14 @@ def probe_scores(model, inputs: dict, n_probe: int) -> Tensor:
     finally:
         model.set_attn_implementation(previous)
     valid = inputs["attention_mask"].bool()
-    return torch.stack([a[:, :, -n_probe:, :].float().sum(dim=(1, 2)).masked_fill(~valid, 0.0) for a in attentions])
+    return torch.stack(
+        [a[:, :, -n_probe:, :].float().sum(dim=(1, 2)).masked_fill(~valid, 0.0) for a in attentions]
+    )
 
 
-def soft_topp_count(scores: Tensor, p: float, valid: Tensor, forced: Tensor, temperature: float) -> Tensor:
+def soft_topp_count(
+    scores: Tensor, p: float, valid: Tensor, forced: Tensor, temperature: float
+) -> Tensor:
     """float [R]: the smoothed size of the minimal top-p set of each row of scores [R, L].
 
     valid, forced: bool [R, L] (forced positions are kept whatever their score, and their mass
@@ -49,21 +54,27 @@ def soft_topp_count(scores: Tensor, p: float, valid: Tensor, forced: Tensor, tem
     total = s.sum(-1, keepdim=True)
     candidates = valid & ~forced
     need = p * total - s.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
-    order = torch.sort(s.detach().masked_fill(~candidates, -1.0), dim=-1, descending=True, stable=True).indices
+    order = torch.sort(
+        s.detach().masked_fill(~candidates, -1.0), dim=-1, descending=True, stable=True
+    ).indices
     mass = s.masked_fill(~candidates, 0.0).gather(-1, order)
     before = mass.cumsum(-1) - mass  # mass of the candidates ranked above each one
     taken = torch.sigmoid((need - before) / (temperature * total.clamp_min(1e-30)))
     return forced.sum(-1).to(s.dtype) + (taken * candidates.gather(-1, order)).sum(-1)
 
 
-def soft_token_ratio(scores: Tensor, valid: Tensor, policy: TopPPolicy, p_values, temperature: float = 0.01) -> Tensor:
+def soft_token_ratio(
+    scores: Tensor, valid: Tensor, policy: TopPPolicy, p_values, temperature: float = 0.01
+) -> Tensor:
     """float [B]: the smoothed token ratio of each prompt, averaged over layers and over p_values.
 
     scores: [n_layers, B, L] from probe_scores; valid: bool [B, L]; policy gives keep_first,
     keep_last (prune="all": every other valid token is a candidate)."""
     if policy.prune != "all" or policy.granularity != "layer":
-        raise ValueError("soft_token_ratio supports TopPPolicy(prune='all', granularity='layer'), "
-                         f"got prune={policy.prune!r}, granularity={policy.granularity!r}")
+        raise ValueError(
+            "soft_token_ratio supports TopPPolicy(prune='all', granularity='layer'), "
+            f"got prune={policy.prune!r}, granularity={policy.granularity!r}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     n_layers, B, L = scores.shape
@@ -71,5 +82,10 @@ def soft_token_ratio(scores: Tensor, valid: Tensor, policy: TopPPolicy, p_values
     row_valid = valid.repeat(n_layers, 1)
     forced = forced_positions(row_valid, policy.keep_first, policy.keep_last, None)
     n_valid = row_valid.sum(-1).to(rows.dtype)
-    ratios = torch.stack([soft_topp_count(rows, float(p), row_valid, forced, temperature) / n_valid for p in p_values])
+    ratios = torch.stack(
+        [
+            soft_topp_count(rows, float(p), row_valid, forced, temperature) / n_valid
+            for p in p_values
+        ]
+    )
     return ratios.mean(0).view(n_layers, B).mean(0)

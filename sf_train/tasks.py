@@ -1,9 +1,11 @@
 """What the trainer needs from a dataset: the TrainingTask protocol. The embedded worlds
 (sf_train/worlds/) and any task a user brings (task="package.module:factory") take this form."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

@@ -11,6 +11,7 @@ group statistics are local), gradients are averaged by DDP or reduce-scattered b
 (docs/scale.md#fsdp), and logged metrics are averaged over ranks. LoRA, bf16 and gradient
 checkpointing: docs/scale.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,33 +41,53 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FORMAT = 2  # tensors and plain values only: loadable with torch.load(weights_only=True)
 # SFConfig fields a resumed run may change; every other one must match the checkpoint's run.
-RESUMABLE_FIELDS = ("steps", "out_dir", "save_every", "eval_samples", "baseline_samples", "eval_p", "distributed",
-                    "gradient_checkpointing")  # the checkpoint is unsharded; recomputation changes no value
+RESUMABLE_FIELDS = (
+    "steps",
+    "out_dir",
+    "save_every",
+    "eval_samples",
+    "baseline_samples",
+    "eval_p",
+    "distributed",
+    "gradient_checkpointing",
+)  # the checkpoint is unsharded; recomputation changes no value
 
 
 class SparsityForcingTrainer:
-    def __init__(self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"):
+    def __init__(
+        self, config: SFConfig, policy_model, reference_model, task: TrainingTask, device="cpu"
+    ):
         self.config, self.task, self.device = config, task, torch.device(device)
-        if config.distributed == "fsdp":  # FSDP on one process too (bf16 compute, fp32 master weights)
+        if (
+            config.distributed == "fsdp"
+        ):  # FSDP on one process too (bf16 compute, fp32 master weights)
             ensure_process_group(self.device)
         self.rank, self.world_size = world()
         if config.prompts_per_step % self.world_size:
-            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks")
+            raise ValueError(
+                f"prompts_per_step ({config.prompts_per_step}) must divide over {self.world_size} ranks"
+            )
         self.policy = policy_model.to(self.device)
         # LoRA (docs/scale.md#lora): adapters on the policy, whose adapter-free forward is the reference.
         self.peft_model = scale.apply_lora(self.policy, config) if config.lora_rank else None
         if self.peft_model is not None:
             if reference_model is not None:
-                raise ValueError("with SFConfig.lora_rank > 0 the reference is the policy with its adapters disabled: "
-                                 "pass reference_model=None (no second copy)")
+                raise ValueError(
+                    "with SFConfig.lora_rank > 0 the reference is the policy with its adapters disabled: "
+                    "pass reference_model=None (no second copy)"
+                )
             self.reference = None
             scale.freeze_to_dtype(self.policy, config)  # the frozen base; the adapters stay fp32
         else:
             if reference_model is None:
-                raise ValueError("full fine-tuning (SFConfig.lora_rank = 0) needs a reference_model")
+                raise ValueError(
+                    "full fine-tuning (SFConfig.lora_rank = 0) needs a reference_model"
+                )
             self.reference = reference_model.to(self.device).eval().requires_grad_(False)
             scale.freeze_to_dtype(self.reference, config)
-        if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and FSDP2
+        if (
+            config.gradient_checkpointing
+        ):  # non-reentrant: works with frozen inputs (LoRA) and FSDP2
             scale.enable_checkpointing(self.policy)
         # Rollouts decode through the TopPCache; the training forward replays their selections.
         import sparse_attn.attention  # noqa: F401  (registers the sparse_topp attention)
@@ -81,7 +102,9 @@ class SparsityForcingTrainer:
         elif self.world_size > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         self.step = 0
         self.resumed = False
@@ -103,11 +126,15 @@ class SparsityForcingTrainer:
         cfg, task = self.config, self.task
         with torch.no_grad():
             if self.peft_model is None:
-                return sequence_logp(self.reference, batch, cfg.temperature, task.suppressed_token_ids)[0]
+                return sequence_logp(
+                    self.reference, batch, cfg.temperature, task.suppressed_token_ids
+                )[0]
             self.policy.eval()
             try:
                 with scale.adapters_disabled(self.peft_model):
-                    return sequence_logp(self.policy, batch, cfg.temperature, task.suppressed_token_ids)[0]
+                    return sequence_logp(
+                        self.policy, batch, cfg.temperature, task.suppressed_token_ids
+                    )[0]
             finally:
                 self.policy.train()
 
@@ -122,10 +149,17 @@ class SparsityForcingTrainer:
         try:
             # Sharded: every forward is a collective, so ranks keep decoding until all are done.
             return [
-                rollout(self.policy, inputs, self.config.policy(p), max_new_tokens=self.config.max_new_tokens,
-                        eos_token_id=self.task.eos_token_id, pad_token_id=self.task.pad_token_id,
-                        temperature=self.config.temperature, suppressed=self.task.suppressed_token_ids,
-                        synced_gpus=self.sharded and self.world_size > 1)
+                rollout(
+                    self.policy,
+                    inputs,
+                    self.config.policy(p),
+                    max_new_tokens=self.config.max_new_tokens,
+                    eos_token_id=self.task.eos_token_id,
+                    pad_token_id=self.task.pad_token_id,
+                    temperature=self.config.temperature,
+                    suppressed=self.task.suppressed_token_ids,
+                    synced_gpus=self.sharded and self.world_size > 1,
+                )
                 for p in self.config.p_grid
             ]
         finally:
@@ -144,25 +178,42 @@ class SparsityForcingTrainer:
         valid = inputs["attention_mask"].bool()
         if replayed_scores is None:
             scores = probe_scores(self.policy, inputs, cfg.n_probe)
-            return soft_token_ratio(scores, valid, cfg.policy(cfg.deploy_p), cfg.p_grid, cfg.soft_tau_temperature)
+            return soft_token_ratio(
+                scores, valid, cfg.policy(cfg.deploy_p), cfg.p_grid, cfg.soft_tau_temperature
+            )
         scores = torch.stack(replayed_scores)  # [n_layers, G * B, P]
         B = valid.shape[0]
-        per_p = [soft_token_ratio(scores[:, g * B:(g + 1) * B], valid, cfg.policy(cfg.deploy_p), [p],
-                                  cfg.soft_tau_temperature) for g, p in enumerate(cfg.p_grid)]
+        per_p = [
+            soft_token_ratio(
+                scores[:, g * B : (g + 1) * B],
+                valid,
+                cfg.policy(cfg.deploy_p),
+                [p],
+                cfg.soft_tau_temperature,
+            )
+            for g, p in enumerate(cfg.p_grid)
+        ]
         return torch.stack(per_p).mean(0)
 
     def train_step(self) -> dict[str, float]:
         cfg, task = self.config, self.task
         per_rank = cfg.prompts_per_step // self.world_size
-        samples = task.samples("train", (self.step * self.world_size + self.rank) * per_rank, per_rank)
-        inputs = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in task.encode(samples).items()}
+        samples = task.samples(
+            "train", (self.step * self.world_size + self.rank) * per_rank, per_rank
+        )
+        inputs = {
+            k: v.to(self.device) if isinstance(v, Tensor) else v
+            for k, v in task.encode(samples).items()
+        }
 
         started = time.perf_counter()
         groups = self.rollouts(inputs)
         rollout_seconds = time.perf_counter() - started
 
         correct, tau = score_rollouts(task, samples, groups)  # [B, G] each
-        rewards = joint_rewards(correct, tau, gate=cfg.efficiency_gate, weight=cfg.efficiency_weight)
+        rewards = joint_rewards(
+            correct, tau, gate=cfg.efficiency_gate, weight=cfg.efficiency_weight
+        )
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
@@ -170,15 +221,30 @@ class SparsityForcingTrainer:
         # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
         replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
         for _ in range(cfg.inner_epochs):
-            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient(),
-                           probe_scores=replay_scores) as replay:
-                logp, entropy = sequence_logp(self.trained, batch, cfg.temperature, task.suppressed_token_ids)
+            with replaying(
+                batch.selections,
+                batch.prompt_length,
+                cfg.replay_gradient(),
+                probe_scores=replay_scores,
+            ) as replay:
+                logp, entropy = sequence_logp(
+                    self.trained, batch, cfg.temperature, task.suppressed_token_ids
+                )
             loss, stats = grpo_loss(
-                logp, batch.logp_old, logp_ref, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
-                clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, normalization=cfg.normalization,
+                logp,
+                batch.logp_old,
+                logp_ref,
+                batch.advantages,
+                batch.mask,
+                clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high,
+                beta=cfg.beta,
+                normalization=cfg.normalization,
                 max_completion_length=cfg.max_new_tokens,
             )
-            if cfg.soft_tau_weight:  # the efficiency reward's pathwise gradient, gated like the reward
+            if (
+                cfg.soft_tau_weight
+            ):  # the efficiency reward's pathwise gradient, gated like the reward
                 gate = efficiency_gate(correct, cfg.efficiency_gate).mean(1).to(self.device)
                 soft_tau = self.soft_tau(inputs, replay.scores if replay_scores else None)
                 loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
@@ -188,7 +254,8 @@ class SparsityForcingTrainer:
             with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+                [p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
             for group in self.optimizer.param_groups:  # a function of the step: resume stays exact
@@ -208,7 +275,9 @@ class SparsityForcingTrainer:
             "grad_norm": float(grad_norm),
             "lr": cfg.lr_at(self.step - 1),
             "zero_variance_groups": float(zero_variance.float().mean()),
-            **({"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}),
+            **(
+                {"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}
+            ),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }
         for g, group in enumerate(groups):
@@ -229,15 +298,24 @@ class SparsityForcingTrainer:
             check_fresh_out_dir(self.out_dir, overwrite, delete=self.rank == 0)
         history = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = progress_bar(total=self.config.steps, initial=self.step, disable=not progress or self.rank != 0, desc="sparsity forcing")
+        bar = progress_bar(
+            total=self.config.steps,
+            initial=self.step,
+            disable=not progress or self.rank != 0,
+            desc="sparsity forcing",
+        )
         while self.step < self.config.steps:
             metrics = self.train_step()
             history.append(metrics)
             if self.rank == 0:
                 with open(self.out_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                tau=f"{metrics['token_ratio']:.3f}", kl=f"{metrics['kl']:.4f}")
+                bar.set_postfix(
+                    reward=f"{metrics['reward']:.3f}",
+                    acc=f"{metrics['accuracy']:.2f}",
+                    tau=f"{metrics['token_ratio']:.3f}",
+                    kl=f"{metrics['kl']:.4f}",
+                )
             bar.update(1)
             if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                 self.save_checkpoint()
@@ -267,14 +345,19 @@ class SparsityForcingTrainer:
         state = load_checkpoint(self.out_dir / CHECKPOINT_FILE)
         check_resumed_config(state["config"], self.config, self.out_dir / CHECKPOINT_FILE)
         if state["lora"] != (self.peft_model is not None):
-            raise ValueError(f"{self.out_dir / CHECKPOINT_FILE} holds a {'LoRA' if state['lora'] else 'full'} "
-                             "fine-tuning run; SFConfig.lora_rank must match it")
+            raise ValueError(
+                f"{self.out_dir / CHECKPOINT_FILE} holds a {'LoRA' if state['lora'] else 'full'} "
+                "fine-tuning run; SFConfig.lora_rank must match it"
+            )
         scale.load_model_state(self.policy, state["model"], trainable_only=state["lora"])
         scale.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
         rngs = state["rng"]
         if len(rngs) != self.world_size:
-            warnings.warn(f"the checkpoint holds the RNG states of {len(rngs)} ranks and this run has "
-                          f"{self.world_size}: rollouts will not repeat the uninterrupted run's samples")
+            warnings.warn(
+                f"the checkpoint holds the RNG states of {len(rngs)} ranks and this run has "
+                f"{self.world_size}: rollouts will not repeat the uninterrupted run's samples",
+                stacklevel=2,
+            )
         set_rng_state(rngs[self.rank % len(rngs)])
         self.step = state["step"]
         self.resumed = True
@@ -285,12 +368,16 @@ class SparsityForcingTrainer:
 def check_fresh_out_dir(out_dir: Path, overwrite: bool, delete: bool = True) -> None:
     """Refuse to start a run over an earlier one's checkpoint / metrics (it would append to its
     metrics and replace its checkpoint), unless ``overwrite``: then delete them."""
-    existing = [out_dir / name for name in (CHECKPOINT_FILE, METRICS_FILE) if (out_dir / name).exists()]
+    existing = [
+        out_dir / name for name in (CHECKPOINT_FILE, METRICS_FILE) if (out_dir / name).exists()
+    ]
     if not existing:
         return
     if not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}): continue it "
-                              "with --resume, start over with --overwrite, or pick another out_dir")
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({', '.join(p.name for p in existing)}): continue it "
+            "with --resume, start over with --overwrite, or pick another out_dir"
+        )
     if delete:
         for path in existing:
             path.unlink(missing_ok=True)
@@ -318,16 +405,22 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     file holding anything but tensors and plain values (code, in a pickle) is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume at {path} (SFConfig.out_dir = {path.parent}): "
-                                "start the run without --resume, or point out_dir at the run to continue")
+        raise FileNotFoundError(
+            f"no checkpoint to resume at {path} (SFConfig.out_dir = {path.parent}): "
+            "start the run without --resume, or point out_dir at the run to continue"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a checkpoint sf_train loads: it holds objects other than tensors and plain "
-                         f"values, which torch.load(weights_only=True) refuses to run ({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{path} is not a checkpoint sf_train loads: it holds objects other than tensors and plain "
+            f"values, which torch.load(weights_only=True) refuses to run ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} sf_train checkpoint (written by another "
-                         "version?): start a new run")
+        raise ValueError(
+            f"{path} is not a format-{CHECKPOINT_FORMAT} sf_train checkpoint (written by another "
+            "version?): start a new run"
+        )
     return state
 
 
@@ -339,13 +432,20 @@ def checkpoint_config(out_dir) -> dict:
 def check_resumed_config(stored: dict, config: SFConfig, path: Path) -> None:
     plain = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
     current = config.to_dict()
-    differ = {k: (v, current[k]) for k, v in stored.items()
-              if k in current and k not in RESUMABLE_FIELDS and plain(v) != plain(current[k])}
+    differ = {
+        k: (v, current[k])
+        for k, v in stored.items()
+        if k in current and k not in RESUMABLE_FIELDS and plain(v) != plain(current[k])
+    }
     if differ:
-        lines = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(differ.items()))
-        raise ValueError(f"--resume continues the run of {path} with its config; this run asks for {lines}. "
-                         f"Only {', '.join(RESUMABLE_FIELDS)} may change on resume: drop the other settings, or start "
-                         "a new run in another out_dir")
+        lines = ", ".join(
+            f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(differ.items())
+        )
+        raise ValueError(
+            f"--resume continues the run of {path} with its config; this run asks for {lines}. "
+            f"Only {', '.join(RESUMABLE_FIELDS)} may change on resume: drop the other settings, or start "
+            "a new run in another out_dir"
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -360,7 +460,10 @@ def truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
-                warnings.warn(f"{path}: dropped a torn last line (a crash while it was written): {line[:60]!r}")
+                warnings.warn(
+                    f"{path}: dropped a torn last line (a crash while it was written): {line[:60]!r}",
+                    stacklevel=2,
+                )
                 continue
             raise ValueError(f"{path}, line {i + 1} is not JSON: {line[:60]!r}") from None
         if record["step"] <= step:
@@ -374,9 +477,17 @@ def rng_state() -> dict:
     _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -388,7 +499,15 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

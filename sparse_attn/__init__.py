@@ -7,7 +7,9 @@ registers the "sparse_topp" attention implementation); cache_argument(model) nam
 the installed transformers takes the cache under. Baseline selection rules for ablations
 (TopPPolicy(rule="top_k" / "threshold"), FastV-style shared_from_layer): sparse_attn.rules.
 """
-from ._extension import cuda_kernels_built, load as _load
+
+from ._extension import cuda_kernels_built
+from ._extension import load as _load
 
 _load()
 

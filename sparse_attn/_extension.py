@@ -1,4 +1,5 @@
 """Loads the compiled ops (sparse_attn._C), refusing a build made against another torch."""
+
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ def load() -> None:
     try:
         from . import _build_info
     except ImportError as e:
-        raise ImportError(f"sparse_attn is not built (no compiled extension found). {_REBUILD}") from e
+        raise ImportError(
+            f"sparse_attn is not built (no compiled extension found). {_REBUILD}"
+        ) from e
     # Compare before loading the library: a mismatched libtorch ABI fails with an undefined
     # symbol at best and crashes at worst.
     built, running = _build_info.TORCH_VERSION, torch.__version__

@@ -83,7 +83,13 @@ def sparse_topp_attention(
         )
         return output, None
     output = sparse_prefill_attention(
-        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
+        query,
+        layer.keys,
+        layer.values,
+        layer.positions,
+        layer.lengths,
+        layer.max_length,
+        scale,
         dropout,
     )
     return output, None
@@ -111,8 +117,15 @@ def _new_turn_attention(cache, layer_idx, query, attention_mask, scale, dropout)
     if bool((layer.lengths == held).all()):  # every token stays (p = 1): the exact attention
         return compact_decode(query, layer, *_held(layer), valid, scale, dropout)
     return sparse_prefill_attention(
-        query, layer.keys, layer.values, layer.positions, layer.lengths, layer.max_length, scale,
-        dropout, start=layer.seen_tokens - T,
+        query,
+        layer.keys,
+        layer.values,
+        layer.positions,
+        layer.lengths,
+        layer.max_length,
+        scale,
+        dropout,
+        start=layer.seen_tokens - T,
     )
 
 
@@ -172,7 +185,10 @@ def sparse_prefill_attention(
     k, v = keys[:, :, :width], values[:, :, :width]
     # GQA inside SDPA (as transformers' SDPA path without a mask): no repeated K / V copies.
     sdpa = partial(
-        F.scaled_dot_product_attention, dropout_p=dropout, is_causal=True, scale=scale,
+        F.scaled_dot_product_attention,
+        dropout_p=dropout,
+        is_causal=True,
+        scale=scale,
         enable_gqa=g > 1,
     )
     if query.is_cuda:

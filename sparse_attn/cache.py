@@ -406,7 +406,11 @@ class TopPCache(Cache):
         a prompt (nothing decoded in between): a prompt split over several forwards, e.g.
         generate(prefill_chunk_size=...), which would select from its first chunk only."""
         end = self._prompt_end.get(layer_idx)
-        if new_tokens > 1 and end is not None and self.layers[layer_idx].seen_tokens - new_tokens == end:
+        if (
+            new_tokens > 1
+            and end is not None
+            and self.layers[layer_idx].seen_tokens - new_tokens == end
+        ):
             raise RuntimeError(
                 "TopPCache selects once the whole prompt is in, in one forward: it received "
                 f"{new_tokens} more prompt tokens right after selecting over the first {end} "
@@ -578,7 +582,9 @@ class TopPCache(Cache):
             )
         held_positions = rows(source.positions)  # ascending, -1 past each row's length
         end = max(int(held_positions.max()), int(positions.max())) + 1
-        held = F.pad(indices_to_keep_mask(held_positions, end), (0, 1))  # column `end`: False, for -1
+        held = F.pad(
+            indices_to_keep_mask(held_positions, end), (0, 1)
+        )  # column `end`: False, for -1
         return held.gather(1, torch.where(positions >= 0, positions, end).long())
 
     def _visual_at(self, positions: Tensor) -> Tensor:
@@ -634,7 +640,9 @@ class TopPCache(Cache):
         """tau of each layer's latest selection: kept / existing tokens, averaged over the rows
         (and heads). A row with no token (all padding) has no ratio and is left out of the
         mean (NaN only if every row is empty)."""
-        return [float(s.ratios()[s.existed > 0].mean()) for s in self._latest_selections()]  # host sync: read
+        return [
+            float(s.ratios()[s.existed > 0].mean()) for s in self._latest_selections()
+        ]  # host sync: read
 
     @property
     def token_ratio(self) -> float:

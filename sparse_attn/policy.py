@@ -99,9 +99,16 @@ class TopPPolicy:
         text is always kept, nothing else is forced by position (under the sparse prefill the last
         prompt position is, as every sparse prefill needs)."""
         prefill = overrides.get("prefill", "sparse")
-        fields = dict(rule="top_k", keep_ratio=keep_ratio, n_probe=1, prune="visual",
-                      shared_from_layer=layer, keep_first=0, keep_last=int(prefill == "sparse"),
-                      granularity="layer")
+        fields = dict(
+            rule="top_k",
+            keep_ratio=keep_ratio,
+            n_probe=1,
+            prune="visual",
+            shared_from_layer=layer,
+            keep_first=0,
+            keep_last=int(prefill == "sparse"),
+            granularity="layer",
+        )
         return cls(**{**fields, **overrides})
 
     def __post_init__(self):
@@ -110,7 +117,11 @@ class TopPPolicy:
         # those (_as_python_numbers).
         def require_int(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or value < minimum
+            ):
                 raise ValueError(f"TopPPolicy.{name} must be an int >= {minimum}, got {value!r}")
 
         def is_number(value) -> bool:

@@ -5,6 +5,7 @@ evaluations and baselines): a tqdm bar on stderr when stderr is a terminal, sile
 SPARSE_ATTN_PROGRESS=1 forces the bars on (e.g. to watch a job through a pipe), =0 forces them
 off. tqdm is a dependency of transformers, so this adds none.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,26 @@ def enabled() -> bool:
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
-             leave: bool = True, disable: bool = False, **kwargs) -> tqdm:
+def progress(
+    iterable=None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    leave: bool = True,
+    disable: bool = False,
+    **kwargs,
+) -> tqdm:
     """A tqdm bar (``iterable`` wrapped, or ``total`` steps to ``update``), disabled when not
     ``enabled()`` or when the caller says ``disable``; a disabled bar still iterates and accepts
     update / set_postfix."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=disable or not enabled(),
-                dynamic_ncols=True, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=leave,
+        disable=disable or not enabled(),
+        dynamic_ncols=True,
+        **kwargs,
+    )

@@ -5,6 +5,7 @@ matrix, full sort), not speed, and they do not validate their inputs (the ops do
 differentiable PyTorch, they are also what code that needs gradients through a selection uses
 (sf_train's smoothed token ratio and straight-through keep mask) and the baseline rules' forced set.
 """
+
 from __future__ import annotations
 
 import torch

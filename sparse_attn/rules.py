@@ -9,6 +9,7 @@ candidate_mask is False) always are.
 "top_p" is the topp_select op (csrc kernels). "top_k" and "threshold" are baselines for the
 ablation, written with plain torch ops (a full sort for top_k): no kernels of their own.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,10 @@ def select_rows(
         )
     if policy.rule == "top_k":
         return topk_select(
-            scores, policy.keep_ratio, valid_mask=valid_mask, candidate_mask=candidate_mask,
+            scores,
+            policy.keep_ratio,
+            valid_mask=valid_mask,
+            candidate_mask=candidate_mask,
             **forced,
         )
     return threshold_select(
@@ -92,7 +96,9 @@ def indices_to_keep_mask(indices: Tensor, length: int) -> Tensor:
     """int [R, N] positions (entries < 0: free slots) -> bool [R, length], True at each row's
     listed positions; the inverse of keep_mask_to_indices."""
     keep = torch.zeros(indices.shape[0], length + 1, dtype=torch.bool, device=indices.device)
-    keep.scatter_(1, torch.where(indices >= 0, indices, length).long(), True)  # free slots: column `length`
+    keep.scatter_(
+        1, torch.where(indices >= 0, indices, length).long(), True
+    )  # free slots: column `length`
     return keep[:, :length]
 
 

@@ -6,7 +6,9 @@ import torch
 import sparse_attn
 
 # Every op test runs on CPU, and on CUDA when a GPU and the CUDA kernels are both present.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and sparse_attn.cuda_kernels_built() else [])
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and sparse_attn.cuda_kernels_built() else []
+)
 
 
 @pytest.fixture(params=DEVICES)

@@ -4,6 +4,7 @@ Independent reference: a per-row Python loop over plain lists (sort by (-score, 
 Python float arithmetic). Scores are multiples of 1/4 so every sum is exact and the threshold
 rule's mean is the same number in both.
 """
+
 import json
 import math
 from functools import partial
@@ -42,7 +43,7 @@ def expected_kept(scores, valid, candidate, keep_first, keep_last, rule, knob) -
     """The kept positions of one row (lists), straight from the TopPPolicy docstring."""
     valid_positions = [j for j, v in enumerate(valid) if v]
     forced = set(valid_positions[:keep_first])
-    forced |= set(valid_positions[max(len(valid_positions) - keep_last, 0):] if keep_last else [])
+    forced |= set(valid_positions[max(len(valid_positions) - keep_last, 0) :] if keep_last else [])
     forced |= {j for j in valid_positions if not candidate[j]}
     candidates = [j for j in valid_positions if j not in forced]
     n = len(candidates)
@@ -75,7 +76,10 @@ def random_rows(gen, R, L):
 @pytest.mark.parametrize("use_candidates", [False, True])
 def test_rules_match_the_python_reference(gen, device, rule, use_candidates):
     for _ in range(20):
-        R, L = torch.randint(1, 9, (1,), generator=gen).item(), torch.randint(1, 70, (1,), generator=gen).item()
+        R, L = (
+            torch.randint(1, 9, (1,), generator=gen).item(),
+            torch.randint(1, 70, (1,), generator=gen).item(),
+        )
         scores, valid, candidate = random_rows(gen, R, L)
         keep_first, keep_last = torch.randint(0, 5, (2,), generator=gen).tolist()
         if rule == "top_k":
@@ -83,15 +87,28 @@ def test_rules_match_the_python_reference(gen, device, rule, use_candidates):
         else:
             knob = [1.0, 0.5, 2.0, 1e-6, 4 * torch.rand(1, generator=gen).item() + 1e-3][_ % 5]
         indices, counts = RULE_FUNCTIONS[rule](
-            scores.to(device), knob, valid_mask=valid.to(device), keep_first=keep_first, keep_last=keep_last,
+            scores.to(device),
+            knob,
+            valid_mask=valid.to(device),
+            keep_first=keep_first,
+            keep_last=keep_last,
             candidate_mask=candidate.to(device) if use_candidates else None,
         )
         indices, counts = indices.cpu(), counts.cpu()
-        assert indices.shape == (R, L) and indices.dtype == torch.int32 and counts.dtype == torch.int32
+        assert (
+            indices.shape == (R, L) and indices.dtype == torch.int32 and counts.dtype == torch.int32
+        )
         cand = candidate if use_candidates else torch.ones_like(valid)
         for r in range(R):
-            kept = expected_kept(scores[r].tolist(), valid[r].tolist(), cand[r].tolist(), keep_first,
-                                 keep_last, rule, knob)
+            kept = expected_kept(
+                scores[r].tolist(),
+                valid[r].tolist(),
+                cand[r].tolist(),
+                keep_first,
+                keep_last,
+                rule,
+                knob,
+            )
             assert counts[r] == len(kept), (rule, knob, r)
             assert indices[r].tolist() == kept + [-1] * (L - len(kept)), (rule, knob, r)
 
@@ -136,11 +153,22 @@ def test_select_rows_dispatches_on_the_rule(gen):
     kw = dict(valid_mask=valid, candidate_mask=candidate)
     policy = TopPPolicy(p=0.8, keep_first=1, keep_last=2)
     for got, want in (
-        (select_rows(policy, scores, **kw), reference.topp_select(scores, 0.8, keep_first=1, keep_last=2, **kw)),
-        (select_rows(TopPPolicy(rule="top_k", keep_ratio=0.4, keep_first=1, keep_last=2), scores, **kw),
-         topk_select(scores, 0.4, keep_first=1, keep_last=2, **kw)),
-        (select_rows(TopPPolicy(rule="threshold", threshold=1.5, keep_first=1, keep_last=2), scores, **kw),
-         threshold_select(scores, 1.5, keep_first=1, keep_last=2, **kw)),
+        (
+            select_rows(policy, scores, **kw),
+            reference.topp_select(scores, 0.8, keep_first=1, keep_last=2, **kw),
+        ),
+        (
+            select_rows(
+                TopPPolicy(rule="top_k", keep_ratio=0.4, keep_first=1, keep_last=2), scores, **kw
+            ),
+            topk_select(scores, 0.4, keep_first=1, keep_last=2, **kw),
+        ),
+        (
+            select_rows(
+                TopPPolicy(rule="threshold", threshold=1.5, keep_first=1, keep_last=2), scores, **kw
+            ),
+            threshold_select(scores, 1.5, keep_first=1, keep_last=2, **kw),
+        ),
     ):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -179,8 +207,13 @@ def test_policy_rejects_bad_rule_fields(fields, field):
 
 def test_fastv_policy():
     policy = TopPPolicy.fastv(0.5)
-    assert (policy.rule, policy.keep_ratio, policy.n_probe, policy.prune, policy.shared_from_layer) == (
-        "top_k", 0.5, 1, "visual", 2)
+    assert (
+        policy.rule,
+        policy.keep_ratio,
+        policy.n_probe,
+        policy.prune,
+        policy.shared_from_layer,
+    ) == ("top_k", 0.5, 1, "visual", 2)
     # the sparse prefill needs the last prompt position; the dense one forces nothing by position
     assert (policy.keep_first, policy.keep_last, policy.prefill) == (0, 1, "sparse")
     dense = TopPPolicy.fastv(0.5, prefill="dense")
@@ -202,8 +235,15 @@ def kept_reference(policy, scores, valid, is_visual):
     knob = policy.keep_ratio if policy.rule == "top_k" else policy.threshold
     held = torch.zeros_like(valid_rows)
     for r in range(row_scores.shape[0]):
-        kept = expected_kept(row_scores[r].double().tolist(), valid_rows[r].tolist(), cand[r].tolist(),
-                             policy.keep_first, policy.keep_last, policy.rule, knob)
+        kept = expected_kept(
+            row_scores[r].double().tolist(),
+            valid_rows[r].tolist(),
+            cand[r].tolist(),
+            policy.keep_first,
+            policy.keep_last,
+            policy.rule,
+            knob,
+        )
         held[r, kept] = True
     return held.sum(-1), held
 
@@ -211,16 +251,67 @@ def kept_reference(policy, scores, valid, is_visual):
 POLICIES = [
     # The references score the queries and keys of a dense prefill: prefill="dense" (the sparse
     # prefill runs every rule through tests/test_sparse_prefill.py).
-    ("qwen2", TopPPolicy(rule="top_k", keep_ratio=0.3, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
-    ("qwen2", TopPPolicy(rule="top_k", keep_ratio=0.45, n_probe=4, keep_first=1, keep_last=1,
-                         granularity="kv_head", prefill="dense")),
-    ("qwen2", TopPPolicy(rule="threshold", threshold=1.5, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
-    ("llama", TopPPolicy(rule="threshold", threshold=0.8, n_probe=16, keep_first=0, keep_last=0,
-                         granularity="kv_head", prefill="dense")),
-    ("qwen2_5_vl", TopPPolicy(rule="top_k", keep_ratio=0.25, n_probe=4, keep_first=1, keep_last=2,
-                              prune="visual", prefill="dense")),
-    ("qwen2_5_vl", TopPPolicy(rule="threshold", threshold=2.0, n_probe=4, keep_first=1, keep_last=2,
-                              prune="visual", granularity="kv_head", prefill="dense")),
+    (
+        "qwen2",
+        TopPPolicy(
+            rule="top_k", keep_ratio=0.3, n_probe=8, keep_first=2, keep_last=3, prefill="dense"
+        ),
+    ),
+    (
+        "qwen2",
+        TopPPolicy(
+            rule="top_k",
+            keep_ratio=0.45,
+            n_probe=4,
+            keep_first=1,
+            keep_last=1,
+            granularity="kv_head",
+            prefill="dense",
+        ),
+    ),
+    (
+        "qwen2",
+        TopPPolicy(
+            rule="threshold", threshold=1.5, n_probe=8, keep_first=2, keep_last=3, prefill="dense"
+        ),
+    ),
+    (
+        "llama",
+        TopPPolicy(
+            rule="threshold",
+            threshold=0.8,
+            n_probe=16,
+            keep_first=0,
+            keep_last=0,
+            granularity="kv_head",
+            prefill="dense",
+        ),
+    ),
+    (
+        "qwen2_5_vl",
+        TopPPolicy(
+            rule="top_k",
+            keep_ratio=0.25,
+            n_probe=4,
+            keep_first=1,
+            keep_last=2,
+            prune="visual",
+            prefill="dense",
+        ),
+    ),
+    (
+        "qwen2_5_vl",
+        TopPPolicy(
+            rule="threshold",
+            threshold=2.0,
+            n_probe=4,
+            keep_first=1,
+            keep_last=2,
+            prune="visual",
+            granularity="kv_head",
+            prefill="dense",
+        ),
+    ),
 ]
 
 
@@ -240,7 +331,9 @@ def test_generate_keeps_what_the_rule_says(family, policy):
     assert [s.layer_idx for s in cache.selections] == sorted(captured)
     for selection in cache.selections:
         query, key, scale = captured[selection.layer_idx]
-        scores = reference.cumulative_scores(query[:, :, -policy.n_probe:], key, scale=scale, key_mask=valid)
+        scores = reference.cumulative_scores(
+            query[:, :, -policy.n_probe :], key, scale=scale, key_mask=valid
+        )
         counts, expected_held = kept_reference(policy, scores, valid, is_visual)
         held = held_positions(cache.layers[selection.layer_idx], L + 7)  # 7 decoded tokens
         assert held[..., L:].all()
@@ -249,22 +342,30 @@ def test_generate_keeps_what_the_rule_says(family, policy):
         assert torch.equal(rows(selection.kept), counts)
         assert torch.equal(selection.existed, valid.sum(-1))
         if policy.rule == "top_k":  # exactly forced + ceil(ratio * n) per row
-            forced = rows(valid[:, None].expand_as(held) & ~is_visual[:, None]) if policy.prune == "visual" \
+            forced = (
+                rows(valid[:, None].expand_as(held) & ~is_visual[:, None])
+                if policy.prune == "visual"
                 else torch.zeros_like(rows(held))
+            )
             n_valid = rows(valid[:, None].expand_as(held)).sum(-1)
             ends = torch.arange(L) - (L - n_valid[:, None])  # rank among the valid (left padding)
             forced |= rows(valid[:, None].expand_as(held)) & (
-                (ends < policy.keep_first) | (ends >= n_valid[:, None] - policy.keep_last))
+                (ends < policy.keep_first) | (ends >= n_valid[:, None] - policy.keep_last)
+            )
             n = rows(valid[:, None].expand_as(held)).sum(-1) - forced.sum(-1)
-            assert counts.tolist() == [int(f) + math.ceil(policy.keep_ratio * int(c))
-                                       for f, c in zip(forced.sum(-1), n)]
-    ratios = [float((rows(s.kept) / rows(s.existed[:, None].expand_as(s.kept))).mean()) for s in cache.selections]
+            assert counts.tolist() == [
+                int(f) + math.ceil(policy.keep_ratio * int(c)) for f, c in zip(forced.sum(-1), n)
+            ]
+    ratios = [
+        float((rows(s.kept) / rows(s.existed[:, None].expand_as(s.kept))).mean())
+        for s in cache.selections
+    ]
     assert cache.layer_ratios == pytest.approx(ratios)
     assert cache.token_ratio < 0.9
 
 
 def deep_qwen2(layers: int):
-    from test_cache import TEXT, SHARPEN_QK
+    from test_cache import SHARPEN_QK, TEXT
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**dict(TEXT, num_hidden_layers=layers))).eval()
@@ -276,14 +377,22 @@ def deep_qwen2(layers: int):
 
 
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
-@pytest.mark.parametrize("rule", [dict(rule="top_k", keep_ratio=0.3), dict(rule="threshold", threshold=1.2),
-                                  dict(p=0.6)])
+@pytest.mark.parametrize(
+    "rule", [dict(rule="top_k", keep_ratio=0.3), dict(rule="threshold", threshold=1.2), dict(p=0.6)]
+)
 def test_shared_from_layer(rule, granularity):
     """Layers < K keep every token, layer K selects with the rule, layers > K hold exactly layer
     K's positions."""
     model, inputs = deep_qwen2(4), make_inputs("qwen2", 3)
-    policy = TopPPolicy(**rule, n_probe=4, keep_first=1, keep_last=1, granularity=granularity, shared_from_layer=2,
-                        prefill="dense")  # layer 2's reference scores a dense prefill
+    policy = TopPPolicy(
+        **rule,
+        n_probe=4,
+        keep_first=1,
+        keep_last=1,
+        granularity=granularity,
+        shared_from_layer=2,
+        prefill="dense",
+    )  # layer 2's reference scores a dense prefill
     captured = capture_dense_attention(model, inputs)
     cache = TopPCache(policy)
     with torch.no_grad():
@@ -299,7 +408,9 @@ def test_shared_from_layer(rule, granularity):
     assert torch.equal(held[3], held[2]) and cache.layer_ratios[3] == cache.layer_ratios[2]
     if "rule" in rule:  # layer 2 keeps what the rule says on its own scores
         query, key, scale = captured[2]
-        scores = reference.cumulative_scores(query[:, :, -policy.n_probe:], key, scale=scale, key_mask=valid)
+        scores = reference.cumulative_scores(
+            query[:, :, -policy.n_probe :], key, scale=scale, key_mask=valid
+        )
         _, expected = kept_reference(policy, scores, valid, torch.zeros_like(valid))
         assert torch.equal(budget_rows(held[2], granularity), expected)
 
@@ -307,8 +418,11 @@ def test_shared_from_layer(rule, granularity):
 @pytest.mark.parametrize("K", [2, 7])
 def test_shared_from_layer_is_clipped_to_the_last_layer(K):
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)  # 2 layers
-    cache = TopPCache(TopPPolicy(rule="top_k", keep_ratio=0.2, n_probe=4, keep_first=1, keep_last=1,
-                                  shared_from_layer=K))
+    cache = TopPCache(
+        TopPPolicy(
+            rule="top_k", keep_ratio=0.2, n_probe=4, keep_first=1, keep_last=1, shared_from_layer=K
+        )
+    )
     with torch.no_grad():
         enable(model)(**inputs, past_key_values=cache)
     assert cache.shared_layer() == 1
@@ -335,11 +449,23 @@ def test_decode_with_shared_layers_and_reselection_equals_masked_dense():
     """Decode logits with FastV-style sharing and reselections equal a dense forward with each
     layer's dropped tokens masked; after each reselection layers > K hold layer K's positions."""
     model, inputs = deep_qwen2(3), make_inputs("qwen2", 3)
-    policy = TopPPolicy(rule="threshold", threshold=1.0, n_probe=3, keep_first=1, keep_last=1,
-                        shared_from_layer=1, reselect_every=2, prefill="dense")  # dense prompt in the reference
+    policy = TopPPolicy(
+        rule="threshold",
+        threshold=1.0,
+        n_probe=3,
+        keep_first=1,
+        keep_last=1,
+        shared_from_layer=1,
+        reselect_every=2,
+        prefill="dense",
+    )  # dense prompt in the reference
     cache = TopPCache(policy, reserve=2)
-    input_ids, position_ids, logits, visible = decode_loop(enable(model), inputs, cache, [1, 3, 1, 1, 2])
-    expected = masked_dense_logits(model, input_ids, position_ids, inputs["attention_mask"], visible)
+    input_ids, position_ids, logits, visible = decode_loop(
+        enable(model), inputs, cache, [1, 3, 1, 1, 2]
+    )
+    expected = masked_dense_logits(
+        model, input_ids, position_ids, inputs["attention_mask"], visible
+    )
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     total = input_ids.shape[1] - 1
     held = [held_positions(layer, total) for layer in cache.layers]
@@ -351,11 +477,25 @@ def test_decode_with_shared_layers_and_reselection_equals_masked_dense():
             assert torch.equal(s.kept[:, 0], s.existed)
 
 
-@pytest.mark.parametrize("policy_kw", [dict(rule="top_k", keep_ratio=0.4),
-                                       dict(rule="threshold", threshold=3.0, shared_from_layer=1)])
+@pytest.mark.parametrize(
+    "policy_kw",
+    [
+        dict(rule="top_k", keep_ratio=0.4),
+        dict(rule="threshold", threshold=3.0, shared_from_layer=1),
+    ],
+)
 def test_replay_reproduces_baseline_rollouts(policy_kw):
-    assert_replay_matches_rollouts(tiny_qwen2(), left_padded_prompts([40, 27, 33]), "layer", 1, 0,
-                                   n_probe=8, keep_first=1, keep_last=2, **policy_kw)
+    assert_replay_matches_rollouts(
+        tiny_qwen2(),
+        left_padded_prompts([40, 27, 33]),
+        "layer",
+        1,
+        0,
+        n_probe=8,
+        keep_first=1,
+        keep_last=2,
+        **policy_kw,
+    )
 
 
 # --- sf_train.baselines ----------------------------------------------------------------------------
@@ -365,7 +505,9 @@ def test_compare_rules_matches_the_token_ratio(tmp_path):
     """On a text-only toy task (FastV needs visual tokens: skipped): every rule is tuned to
     top-p's calibration token ratio, evaluated, and plotted."""
     torch.manual_seed(0)
-    config = SFConfig(n_probe=4, keep_first=1, keep_last=2, max_new_tokens=2, deploy_p=0.8, p_grid=(0.7, 0.8))
+    config = SFConfig(
+        n_probe=4, keep_first=1, keep_last=2, max_new_tokens=2, deploy_p=0.8, p_grid=(0.7, 0.8)
+    )
     report = compare_rules(toy_model(), toy_task(), config, samples=4, calibration=4)
     assert set(report["rules"]) == {"top_p", "top_k", "threshold"}
     target = report["target_ratio"]

@@ -240,10 +240,18 @@ def test_sampling_and_beam_search_at_p1_equal_dense(prefill):
         # The reference scores the queries and keys of a dense prefill: prefill="dense" (the
         # sparse prefill has its own reference, tests/test_sparse_prefill.py).
         ("qwen2", TopPPolicy(p=0.8, n_probe=8, keep_first=2, keep_last=3, prefill="dense")),
-        ("llama", TopPPolicy(p=0.7, n_probe=64, keep_first=0, keep_last=0, granularity="kv_head",
-                             prefill="dense")),
-        ("qwen2_5_vl", TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prune="visual",
-                                  prefill="dense")),
+        (
+            "llama",
+            TopPPolicy(
+                p=0.7, n_probe=64, keep_first=0, keep_last=0, granularity="kv_head", prefill="dense"
+            ),
+        ),
+        (
+            "qwen2_5_vl",
+            TopPPolicy(
+                p=0.6, n_probe=4, keep_first=1, keep_last=2, prune="visual", prefill="dense"
+            ),
+        ),
     ],
 )
 def test_kept_tokens_match_reference_selection(family, policy):
@@ -430,14 +438,27 @@ def masked_dense_logits(model, input_ids, position_ids, prompt_mask, visible):
     [
         # masked_dense_logits attends densely among the prompt: prefill="dense"
         ("qwen2", TopPPolicy(p=0.7, n_probe=8, keep_first=2, keep_last=2, prefill="dense")),
-        ("llama", TopPPolicy(p=0.6, n_probe=16, keep_first=1, keep_last=0, granularity="kv_head",
-                             prefill="dense")),
-        ("qwen2", TopPPolicy(p=0.8, n_probe=3, keep_first=1, keep_last=2, reselect_every=2,
-                             prefill="dense")),
         (
             "llama",
             TopPPolicy(
-                p=0.8, n_probe=4, keep_first=0, keep_last=1, granularity="kv_head", reselect_every=3,
+                p=0.6, n_probe=16, keep_first=1, keep_last=0, granularity="kv_head", prefill="dense"
+            ),
+        ),
+        (
+            "qwen2",
+            TopPPolicy(
+                p=0.8, n_probe=3, keep_first=1, keep_last=2, reselect_every=2, prefill="dense"
+            ),
+        ),
+        (
+            "llama",
+            TopPPolicy(
+                p=0.8,
+                n_probe=4,
+                keep_first=0,
+                keep_last=1,
+                granularity="kv_head",
+                reselect_every=3,
                 prefill="dense",
             ),
         ),

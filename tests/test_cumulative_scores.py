@@ -28,11 +28,22 @@ def test_matches_reference(device, gen, dtype, g, causal):
     out = sparse_attn.cumulative_scores(q.to(device), k.to(device), causal=causal)
     assert_scores_close(out, ref.cumulative_scores(q, k, causal=causal), g * Lq)
     # every probe sees a key: each group's total mass is g * n_probe
-    torch.testing.assert_close(out.sum(-1).cpu(), torch.full((B, Hkv), float(g * Lq)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        out.sum(-1).cpu(), torch.full((B, Hkv), float(g * Lq)), rtol=1e-4, atol=0
+    )
 
 
 @pytest.mark.parametrize(
-    "Lq,Lk,D", [(1, 1, 8), (1, 1000, 64), (64, 64, 128), (70, 33, 16), (3, 65537, 8), (5, 7, 1), (2, 300, 256)]
+    "Lq,Lk,D",
+    [
+        (1, 1, 8),
+        (1, 1000, 64),
+        (64, 64, 128),
+        (70, 33, 16),
+        (3, 65537, 8),
+        (5, 7, 1),
+        (2, 300, 256),
+    ],
 )
 def test_odd_sizes(device, gen, Lq, Lk, D):
     q, k = make_qk(1, 4, 2, Lq, Lk, D, torch.float32, gen)
@@ -55,15 +66,21 @@ def test_key_mask_left_and_right_padding(device, gen, dtype):
     lengths = torch.tensor([50, 37, 5, 0])
     pos = torch.arange(Lk)
     for key_mask in (pos[None] >= (Lk - lengths)[:, None], pos[None] < lengths[:, None]):
-        out = sparse_attn.cumulative_scores(q.to(device), k.to(device), key_mask=key_mask.to(device))
+        out = sparse_attn.cumulative_scores(
+            q.to(device), k.to(device), key_mask=key_mask.to(device)
+        )
         expect = ref.cumulative_scores(q, k, key_mask=key_mask)
         assert_scores_close(out, expect, Hq // Hkv * Lq)
-        assert (out.cpu()[~key_mask[:, None, :].expand_as(out.cpu())] == 0).all(), "padding gets no mass"
+        assert (out.cpu()[~key_mask[:, None, :].expand_as(out.cpu())] == 0).all(), (
+            "padding gets no mass"
+        )
         assert torch.isfinite(out).all()
 
 
 def test_scale_and_peaked_logits(device, gen):
-    q, k = make_qk(1, 4, 4, 8, 200, 64, torch.float32, gen, spread=4.0)  # logits ~ +-100: softmax saturates
+    q, k = make_qk(
+        1, 4, 4, 8, 200, 64, torch.float32, gen, spread=4.0
+    )  # logits ~ +-100: softmax saturates
     for scale in (None, 0.01, 1.0):
         out = sparse_attn.cumulative_scores(q.to(device), k.to(device), scale=scale)
         assert_scores_close(out, ref.cumulative_scores(q, k, scale=scale), 8)
@@ -83,18 +100,35 @@ def test_non_contiguous_inputs(device, gen):
     [
         ((1, 4, 3, 8), (1, 2, 5), {}, r"k must be \[B, Hkv, Lk, D\]"),
         ((4, 3, 8), (1, 2, 5, 8), {}, r"q must be \[B, Hq, Lq, D\]"),
-        ((1, 6, 3, 8), (1, 4, 5, 8), {}, r"query heads \(6\) must be a multiple of key heads \(4\)"),
+        (
+            (1, 6, 3, 8),
+            (1, 4, 5, 8),
+            {},
+            r"query heads \(6\) must be a multiple of key heads \(4\)",
+        ),
         ((1, 4, 3, 8), (1, 2, 5, 16), {}, "k head dim 16 != q head dim 8"),
         ((2, 4, 3, 8), (1, 2, 5, 8), {}, "k batch 1 != q batch 2"),
         ((1, 4, 3, 8), (1, 2, 5, 8), {"scale": -1.0}, "scale must be a positive finite number"),
-        ((1, 4, 3, 8), (1, 2, 5, 8), {"key_mask": torch.ones(1, 4, dtype=torch.bool)}, r"key_mask must have shape \[1, 5\]"),
-        ((1, 4, 3, 8), (1, 2, 5, 8), {"key_mask": torch.ones(1, 5)}, "key_mask must be a bool tensor"),
+        (
+            (1, 4, 3, 8),
+            (1, 2, 5, 8),
+            {"key_mask": torch.ones(1, 4, dtype=torch.bool)},
+            r"key_mask must have shape \[1, 5\]",
+        ),
+        (
+            (1, 4, 3, 8),
+            (1, 2, 5, 8),
+            {"key_mask": torch.ones(1, 5)},
+            "key_mask must be a bool tensor",
+        ),
     ],
 )
 def test_bad_shapes(device, q_shape, k_shape, kw, match):
     kw = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
     with pytest.raises(RuntimeError, match=match):
-        sparse_attn.cumulative_scores(torch.randn(q_shape, device=device), torch.randn(k_shape, device=device), **kw)
+        sparse_attn.cumulative_scores(
+            torch.randn(q_shape, device=device), torch.randn(k_shape, device=device), **kw
+        )
 
 
 def test_bad_dtypes(device):
@@ -115,15 +149,21 @@ def test_mismatched_devices():
 def test_opcheck(device, gen):
     q, k = make_qk(2, 4, 2, 5, 17, 8, torch.float32, gen)
     mask = torch.arange(17)[None].expand(2, 17) >= torch.tensor([[0], [6]])
-    torch.library.opcheck(torch.ops.sparse_attn.cumulative_scores,
-                          (q.to(device), k.to(device), None, True, mask.to(device)))
+    torch.library.opcheck(
+        torch.ops.sparse_attn.cumulative_scores,
+        (q.to(device), k.to(device), None, True, mask.to(device)),
+    )
 
 
 def test_compiles_fullgraph(device, gen):
     q, k = make_qk(1, 4, 2, 5, 17, 8, torch.bfloat16, gen)
     fn = torch.compile(lambda q, k: sparse_attn.cumulative_scores(q, k).sum(1), fullgraph=True)
-    torch.testing.assert_close(fn(q.to(device), k.to(device)).cpu(), ref.cumulative_scores(q, k).sum(1),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        fn(q.to(device), k.to(device)).cpu(),
+        ref.cumulative_scores(q, k).sum(1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

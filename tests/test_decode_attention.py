@@ -1,4 +1,5 @@
 """decode_attention against the plain-PyTorch reference (sparse_attn.reference.decode_attention)."""
+
 import pytest
 import torch
 
@@ -7,8 +8,11 @@ import sparse_attn.reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32 softmax in both; the kernels sum in another order, and fp16 / bf16 round the output.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 
 
 def make_inputs(B, Hkv, g, T, C, D, dtype, gen, lengths=None):
@@ -23,9 +27,15 @@ def make_inputs(B, Hkv, g, T, C, D, dtype, gen, lengths=None):
 
 
 def check(device, q, k, v, lengths, **kw):
-    out = sparse_attn.decode_attention(q.to(device), k.to(device), v.to(device), lengths.to(device), **kw)
+    out = sparse_attn.decode_attention(
+        q.to(device), k.to(device), v.to(device), lengths.to(device), **kw
+    )
     expect = ref.decode_attention(q, k, v, lengths, **kw)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == torch.device(device).type
+    assert (
+        out.shape == q.shape
+        and out.dtype == q.dtype
+        and out.device.type == torch.device(device).type
+    )
     torch.testing.assert_close(out.cpu().float(), expect.float(), **TOL[q.dtype])
     return out
 
@@ -60,7 +70,9 @@ def test_slots_past_length_are_never_read(device, gen):
     pos = torch.arange(50)[None, None, :, None]
     poison = pos >= lengths[..., None, None].long()
     k2, v2 = k.masked_fill(poison, float("nan")), v.masked_fill(poison, float("inf"))
-    out2 = sparse_attn.decode_attention(q.to(device), k2.to(device), v2.to(device), lengths.to(device))
+    out2 = sparse_attn.decode_attention(
+        q.to(device), k2.to(device), v2.to(device), lengths.to(device)
+    )
     assert torch.equal(out, out2)
 
 
@@ -69,19 +81,26 @@ def test_query_t_sees_its_prefix(device, gen):
     q, k, v, lengths = make_inputs(2, 2, 4, 3, 40, 16, torch.float32, gen)
     out = sparse_attn.decode_attention(q.to(device), k.to(device), v.to(device), lengths.to(device))
     for t in range(3):
-        one = sparse_attn.decode_attention(q[:, :, t : t + 1].to(device), k.to(device), v.to(device),
-                                           (lengths - (2 - t)).to(device))
+        one = sparse_attn.decode_attention(
+            q[:, :, t : t + 1].to(device),
+            k.to(device),
+            v.to(device),
+            (lengths - (2 - t)).to(device),
+        )
         torch.testing.assert_close(out[:, :, t : t + 1], one, rtol=1e-6, atol=1e-6)
 
 
 def test_gqa_without_repeat_kv(device, gen):
     q, k, v, lengths = make_inputs(2, 3, 7, 1, 29, 16, torch.float32, gen)
-    out = sparse_attn.decode_attention(q.to(device), k.to(device), v.to(device), lengths.to(device)).cpu()
+    out = sparse_attn.decode_attention(
+        q.to(device), k.to(device), v.to(device), lengths.to(device)
+    ).cpu()
     for b in range(2):
         for h in range(21):
             n = int(lengths[b, h // 7])
             expect = torch.nn.functional.scaled_dot_product_attention(
-                q[b, h][None], k[b, h // 7, :n][None], v[b, h // 7, :n][None])[0]
+                q[b, h][None], k[b, h // 7, :n][None], v[b, h // 7, :n][None]
+            )[0]
             torch.testing.assert_close(out[b, h], expect, rtol=1e-5, atol=1e-5)
 
 
@@ -94,11 +113,16 @@ def test_scale_and_peaked_logits(device, gen):
 def test_strided_inputs(device, gen):
     # A compact cache narrowed to its used slots and a transposed query: no copy needed.
     q, k, v, lengths = make_inputs(2, 2, 3, 2, 90, 32, torch.float32, gen)
-    big_k, big_v = torch.randn(2, 2, 120, 32, generator=gen), torch.randn(2, 2, 120, 32, generator=gen)
+    big_k, big_v = (
+        torch.randn(2, 2, 120, 32, generator=gen),
+        torch.randn(2, 2, 120, 32, generator=gen),
+    )
     big_k[:, :, :90], big_v[:, :, :90] = k, v
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     out = check(device, qt, big_k[:, :, :90], big_v[:, :, :90], lengths)
-    torch.testing.assert_close(out.cpu(), ref.decode_attention(q, k, v, lengths), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.cpu(), ref.decode_attention(q, k, v, lengths), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unchecked_lengths_are_clamped(device, gen):
@@ -113,20 +137,45 @@ def test_unchecked_lengths_are_clamped(device, gen):
 @pytest.mark.parametrize(
     "over,match",
     [
-        (dict(lengths=torch.tensor([[0, 5]], dtype=torch.int32)),
-         r"lengths\[0, 0\] = 0 is out of range; expected T <= length <= C with T = 1 new tokens and C = 9"),
-        (dict(lengths=torch.tensor([[5, 10]], dtype=torch.int32)), r"lengths\[0, 1\] = 10 is out of range"),
-        (dict(lengths=torch.tensor([[5, 1]], dtype=torch.int32), query=torch.randn(1, 4, 2, 8)),
-         r"lengths\[0, 1\] = 1 is out of range; expected T <= length <= C with T = 2"),
-        (dict(lengths=torch.tensor([[5, 5]], dtype=torch.int64)), "lengths must be int32, got Long"),
-        (dict(lengths=torch.tensor([5, 5], dtype=torch.int32)), r"lengths must have shape \[1, 2\]"),
-        (dict(query=torch.randn(1, 4, 1, 8).int()), "query must be float32, float16 or bfloat16, got Int"),
-        (dict(key=torch.randn(1, 2, 9, 8).half()), "key and value must have query's dtype Float, got Half and Float"),
+        (
+            dict(lengths=torch.tensor([[0, 5]], dtype=torch.int32)),
+            r"lengths\[0, 0\] = 0 is out of range; expected T <= length <= C with T = 1 new tokens and C = 9",
+        ),
+        (
+            dict(lengths=torch.tensor([[5, 10]], dtype=torch.int32)),
+            r"lengths\[0, 1\] = 10 is out of range",
+        ),
+        (
+            dict(lengths=torch.tensor([[5, 1]], dtype=torch.int32), query=torch.randn(1, 4, 2, 8)),
+            r"lengths\[0, 1\] = 1 is out of range; expected T <= length <= C with T = 2",
+        ),
+        (
+            dict(lengths=torch.tensor([[5, 5]], dtype=torch.int64)),
+            "lengths must be int32, got Long",
+        ),
+        (
+            dict(lengths=torch.tensor([5, 5], dtype=torch.int32)),
+            r"lengths must have shape \[1, 2\]",
+        ),
+        (
+            dict(query=torch.randn(1, 4, 1, 8).int()),
+            "query must be float32, float16 or bfloat16, got Int",
+        ),
+        (
+            dict(key=torch.randn(1, 2, 9, 8).half()),
+            "key and value must have query's dtype Float, got Half and Float",
+        ),
         (dict(value=torch.randn(1, 2, 9, 8).bfloat16()), "key and value must have query's dtype"),
         (dict(query=torch.randn(4, 1, 8)), r"query must be \[B, Hq, T, D\], got shape \[4, 1, 8\]"),
         (dict(key=torch.randn(2, 9, 8)), r"key must be \[B, Hkv, C, D\]"),
-        (dict(value=torch.randn(1, 2, 8, 8)), r"value must have key's shape \[1, 2, 9, 8\], got \[1, 2, 8, 8\]"),
-        (dict(query=torch.randn(1, 3, 1, 8)), r"query heads \(3\) must be a multiple of key heads \(2\)"),
+        (
+            dict(value=torch.randn(1, 2, 8, 8)),
+            r"value must have key's shape \[1, 2, 9, 8\], got \[1, 2, 8, 8\]",
+        ),
+        (
+            dict(query=torch.randn(1, 3, 1, 8)),
+            r"query heads \(3\) must be a multiple of key heads \(2\)",
+        ),
         (dict(query=torch.randn(1, 4, 1, 4)), "key head dim 8 != query head dim 4"),
         (dict(query=torch.randn(2, 4, 1, 8)), "key batch 1 != query batch 2"),
         (dict(query=torch.randn(1, 4, 0, 8)), "query must hold T >= 1 new tokens"),
@@ -134,8 +183,12 @@ def test_unchecked_lengths_are_clamped(device, gen):
     ],
 )
 def test_bad_input(device, over, match):
-    args = dict(query=torch.randn(1, 4, 1, 8), key=torch.randn(1, 2, 9, 8), value=torch.randn(1, 2, 9, 8),
-                lengths=torch.tensor([[5, 9]], dtype=torch.int32))
+    args = dict(
+        query=torch.randn(1, 4, 1, 8),
+        key=torch.randn(1, 2, 9, 8),
+        value=torch.randn(1, 2, 9, 8),
+        lengths=torch.tensor([[5, 9]], dtype=torch.int32),
+    )
     args.update(over)
     args = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
     with pytest.raises(RuntimeError, match=match):
@@ -155,7 +208,9 @@ def test_fake_kernel_checks_the_same_contract():
     with FakeTensorMode():
         q, k = torch.randn(1, 3, 1, 8), torch.randn(1, 2, 9, 8)
         lengths = torch.full((1, 2), 5, dtype=torch.int32)
-        with pytest.raises(RuntimeError, match=r"query heads \(3\) must be a multiple of key heads \(2\)"):
+        with pytest.raises(
+            RuntimeError, match=r"query heads \(3\) must be a multiple of key heads \(2\)"
+        ):
             torch.ops.sparse_attn.decode_attention(q, k, k, lengths)
         with pytest.raises(RuntimeError, match="lengths must be int32"):
             torch.ops.sparse_attn.decode_attention(q[:, :2], k, k, lengths.long())
@@ -172,9 +227,14 @@ def test_opcheck(device, gen):
 
 def test_compiles_fullgraph(device, gen):
     q, k, v, lengths = make_inputs(1, 2, 4, 1, 40, 16, torch.bfloat16, gen)
-    fn = torch.compile(lambda *a: sparse_attn.decode_attention(*a, check_lengths=False) * 2, fullgraph=True)
-    torch.testing.assert_close(fn(q.to(device), k.to(device), v.to(device), lengths.to(device)).cpu(),
-                               ref.decode_attention(q, k, v, lengths) * 2, **TOL[torch.bfloat16])
+    fn = torch.compile(
+        lambda *a: sparse_attn.decode_attention(*a, check_lengths=False) * 2, fullgraph=True
+    )
+    torch.testing.assert_close(
+        fn(q.to(device), k.to(device), v.to(device), lengths.to(device)).cpu(),
+        ref.decode_attention(q, k, v, lengths) * 2,
+        **TOL[torch.bfloat16],
+    )
 
 
 def test_reference_fold_and_visibility():

@@ -104,7 +104,9 @@ def test_decode_step_at_fixed_capacity_traces_with_fullgraph():
         torch.testing.assert_close(traced, eager)
         assert caches[1].layers[0].keys.shape[2] == capacity  # fixed capacity: no regrowth
         for name in ("keys", "values", "lengths", "positions"):
-            assert torch.equal(getattr(caches[1].layers[0], name), getattr(caches[0].layers[0], name))
+            assert torch.equal(
+                getattr(caches[1].layers[0], name), getattr(caches[0].layers[0], name)
+            )
 
 
 def masked_reference(model, input_ids, position_ids, visible):
@@ -148,8 +150,7 @@ def test_padding_inside_a_later_chunk_is_not_attended(granularity, p, prefill_mo
     and the cache must not hold it."""
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
     enable(model)
-    policy = TopPPolicy(p=p, n_probe=8, keep_first=1, granularity=granularity,
-                        prefill=prefill_mode)
+    policy = TopPPolicy(p=p, n_probe=8, keep_first=1, granularity=granularity, prefill=prefill_mode)
     cache = TopPCache(policy)
     position_ids = prefill(model, inputs, cache)
     L = inputs["input_ids"].shape[1]
@@ -235,9 +236,7 @@ def test_automatic_reserve_never_exceeds_dense_bytes(prompt_length, p):
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             assert cache.kv_bytes() <= dense[step], step
-            held = sum(
-                int(held_positions(layer, mask.shape[1]).sum()) for layer in cache.layers
-            )
+            held = sum(int(held_positions(layer, mask.shape[1]).sum()) for layer in cache.layers)
             assert cache.kv_bytes_in_use() == held * per_token
             assert cache.kv_bytes_in_use() <= cache.kv_bytes()
     if p < 1:
@@ -258,8 +257,11 @@ def test_explicit_reserve_is_allocated_as_given():
         mask = inputs["attention_mask"]
         for _ in range(12):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-            model(input_ids=torch.ones(3, 1, dtype=torch.long), attention_mask=mask,
-                  past_key_values=cache)
+            model(
+                input_ids=torch.ones(3, 1, dtype=torch.long),
+                attention_mask=mask,
+                past_key_values=cache,
+            )
     assert all(layer.keys is buffer for layer, buffer in zip(cache.layers, buffers, strict=True))
 
 
@@ -285,8 +287,12 @@ def test_decode_goes_through_the_decode_attention_op_when_present(monkeypatch):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
         with torch.no_grad():
             outputs.append(
-                model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
-                      position_ids=position_ids[:, -1:] + 1).logits
+                model(
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    position_ids=position_ids[:, -1:] + 1,
+                ).logits
             )
     torch.testing.assert_close(outputs[1], outputs[0])
     assert len(calls) == model.config.num_hidden_layers

@@ -1,4 +1,5 @@
 """sparse-attn eval on the shipped tiny checkpoints at small lengths (docs/eval.md)."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 from sparse_attn import progress as progress_lib
-from sparse_attn.eval import EvalConfig, EvalError, run
-from sparse_attn.eval import cli, runner
+from sparse_attn.eval import EvalConfig, EvalError, cli, run, runner
 from sparse_attn.eval import tasks as task_lib
 from sparse_attn.eval.model import load_model
 from sparse_attn.eval.rules import parse_rules, supported_prefills
@@ -21,8 +21,17 @@ VLM_MODEL = WORLDS / "vqa" / "checkpoint"
 
 
 def config(model=TEXT_MODEL, **overrides) -> EvalConfig:
-    fields = dict(model=str(model), tasks=["niah_single"], lengths=[160], rules=["dense", "top_p:1"],
-                  prefills=["dense"], samples=2, batch_size=2, device="cpu", out=None)
+    fields = dict(
+        model=str(model),
+        tasks=["niah_single"],
+        lengths=[160],
+        rules=["dense", "top_p:1"],
+        prefills=["dense"],
+        samples=2,
+        batch_size=2,
+        device="cpu",
+        out=None,
+    )
     return EvalConfig(**{**fields, **overrides})
 
 
@@ -54,18 +63,34 @@ def bpe_model_dir(tmp_path_factory):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator([" ".join(task_lib.ENGLISH)] * 2 + ["0123456789 VAR = . : ?"], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+    )
     directory = tmp_path_factory.mktemp("bpe_model")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -81,7 +106,10 @@ def test_full_templates_numbers_and_chat_template_on_a_bpe_tokenizer(bpe_model_d
     fitted = loaded.fit(sample, 1500)
     assert 1500 - 40 <= fitted["tokens"] <= 1500
     text = fitted["text"]
-    assert text.startswith("<|im_start|>user\n") and text.count("One of the special magic numbers for") == 4
+    assert (
+        text.startswith("<|im_start|>user\n")
+        and text.count("One of the special magic numbers for") == 4
+    )
     assert text.endswith("<|im_start|>assistant\n" + sample.answer_prefix)
     assert sample.answers[0].isdigit() and sample.answers[0] in text
     vt = task_lib.make_sample("variable_tracking", lex, 0, 0)
@@ -89,10 +117,23 @@ def test_full_templates_numbers_and_chat_template_on_a_bpe_tokenizer(bpe_model_d
 
 
 def test_p1_equals_dense_on_a_bpe_model_with_padding(bpe_model_dir):
-    rows = by_rule(run(config(bpe_model_dir, tasks=["niah_multivalue", "common_words"], lengths=[500],
-                              samples=3, batch_size=3, max_new_tokens=6)))
+    rows = by_rule(
+        run(
+            config(
+                bpe_model_dir,
+                tasks=["niah_multivalue", "common_words"],
+                lengths=[500],
+                samples=3,
+                batch_size=3,
+                max_new_tokens=6,
+            )
+        )
+    )
     for task in ("niah_multivalue", "common_words"):
-        assert rows[(task, "top_p:1", "dense")]["completions"] == rows[(task, "dense", "dense")]["completions"]
+        assert (
+            rows[(task, "top_p:1", "dense")]["completions"]
+            == rows[(task, "dense", "dense")]["completions"]
+        )
     with pytest.raises(EvalError, match="max_position_embeddings = 2048"):
         run(config(bpe_model_dir, lengths=["2k"]))
 
@@ -145,8 +186,11 @@ def test_generation_is_deterministic_per_seed(text_model):
 def test_p1_equals_dense_text_and_results_are_deterministic():
     """top_p:1 keeps every token and decodes exactly what the dense model decodes (batch of 2,
     left padding); a second run with the same seed gives the same rows."""
-    cfg = config(tasks=["niah_single", "variable_tracking"], rules=["dense", "top_p:1", "top_p:0.8"],
-                 max_new_tokens=8)
+    cfg = config(
+        tasks=["niah_single", "variable_tracking"],
+        rules=["dense", "top_p:1", "top_p:0.8"],
+        max_new_tokens=8,
+    )
     rows = by_rule(run(cfg))
     for task in cfg.tasks:
         dense, p1 = rows[(task, "dense", "dense")], rows[(task, "top_p:1", "dense")]
@@ -161,10 +205,19 @@ def test_p1_equals_dense_text_and_results_are_deterministic():
 
 
 def test_p1_equals_dense_vlm():
-    cfg = config(VLM_MODEL, tasks=["visual_needle"], lengths=[240], image_size=224, grid=7,
-                 rules=["dense", "top_p:1", "fastv:0.5"])
+    cfg = config(
+        VLM_MODEL,
+        tasks=["visual_needle"],
+        lengths=[240],
+        image_size=224,
+        grid=7,
+        rules=["dense", "top_p:1", "fastv:0.5"],
+    )
     rows = by_rule(run(cfg))
-    dense, p1 = rows[("visual_needle", "dense", "dense")], rows[("visual_needle", "top_p:1", "dense")]
+    dense, p1 = (
+        rows[("visual_needle", "dense", "dense")],
+        rows[("visual_needle", "top_p:1", "dense")],
+    )
     assert p1["completions"] == dense["completions"]
     assert p1["token_ratio"] == 1.0 and p1["visual_token_ratio"] == 1.0
     fastv = rows[("visual_needle", "fastv:0.5", "dense")]
@@ -193,22 +246,25 @@ def test_resume_skips_finished_cells_and_writes_reports(tmp_path, monkeypatch):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(model="/nonexistent/model"), "no such directory"),
-    (dict(model=str(Path(__file__).parent)), "no config.json"),
-    (dict(tasks=["niah_single", "haystack"]), "unknown task 'haystack'"),
-    (dict(tasks=["visual_needle"]), "needs a Qwen2-VL"),
-    (dict(rules=["dense", "top_q:0.9"]), "unknown rule 'top_q'"),
-    (dict(rules=["top_p:1.5"]), "TopPPolicy.p must be"),
-    (dict(rules=["top_p"]), "top_p needs values"),
-    (dict(rules=["fastv:0.5"]), "needs a Qwen2-VL"),
-    (dict(lengths=["2k"]), "max_position_embeddings = 1024"),
-    (dict(lengths=[1020]), "exceed the model's max_position_embeddings"),
-    (dict(lengths=["many"]), "--lengths 'many'"),
-    (dict(prefills=["lazy"]), "--prefill 'lazy'"),
-    (dict(samples=0), "--samples must be >= 1"),
-    (dict(lengths=[3]), "too short for task 'niah_single'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model="/nonexistent/model"), "no such directory"),
+        (dict(model=str(Path(__file__).parent)), "no config.json"),
+        (dict(tasks=["niah_single", "haystack"]), "unknown task 'haystack'"),
+        (dict(tasks=["visual_needle"]), "needs a Qwen2-VL"),
+        (dict(rules=["dense", "top_q:0.9"]), "unknown rule 'top_q'"),
+        (dict(rules=["top_p:1.5"]), "TopPPolicy.p must be"),
+        (dict(rules=["top_p"]), "top_p needs values"),
+        (dict(rules=["fastv:0.5"]), "needs a Qwen2-VL"),
+        (dict(lengths=["2k"]), "max_position_embeddings = 1024"),
+        (dict(lengths=[1020]), "exceed the model's max_position_embeddings"),
+        (dict(lengths=["many"]), "--lengths 'many'"),
+        (dict(prefills=["lazy"]), "--prefill 'lazy'"),
+        (dict(samples=0), "--samples must be >= 1"),
+        (dict(lengths=[3]), "too short for task 'niah_single'"),
+    ],
+)
 def test_bad_arguments_give_clear_errors(overrides, message):
     with pytest.raises(EvalError, match=message.replace("(", r"\(").replace("[", r"\[")):
         run(config(**overrides))
@@ -222,16 +278,45 @@ def test_cli_reports_errors_and_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.eval_main(["--model", str(TEXT_MODEL), "--lengths", "4k"])
     assert "max_position_embeddings" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", str(TEXT_MODEL), "--tasks", "common_words", "--lengths", "128",
-                     "--rules", "top_k:0.5", "--prefill", "dense", "--samples", "1", "--device", "cpu",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(TEXT_MODEL),
+                "--tasks",
+                "common_words",
+                "--lengths",
+                "128",
+                "--rules",
+                "top_k:0.5",
+                "--prefill",
+                "dense",
+                "--samples",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "| common_words | 128 | top_k:0.5 | dense |" in capsys.readouterr().out
 
 
 def test_rules_parse_and_prefill_feature_detection():
-    rules = parse_rules(["dense", "top_p:0.9,0.975", "top_k:0.25", "threshold:1", "fastv:0.5", "top_p:0.9"])
-    assert [r.name for r in rules] == ["dense", "top_p:0.9", "top_p:0.975", "top_k:0.25", "threshold:1",
-                                       "fastv:0.5"]
+    rules = parse_rules(
+        ["dense", "top_p:0.9,0.975", "top_k:0.25", "threshold:1", "fastv:0.5", "top_p:0.9"]
+    )
+    assert [r.name for r in rules] == [
+        "dense",
+        "top_p:0.9",
+        "top_p:0.975",
+        "top_k:0.25",
+        "threshold:1",
+        "fastv:0.5",
+    ]
     fields = dict(n_probe=8, keep_first=1, keep_last=2, granularity="layer")
     assert rules[1].policy("dense", fields).p == 0.9
     assert rules[3].policy("dense", fields).keep_ratio == 0.25
@@ -258,11 +343,25 @@ def test_progress_is_quiet_off_a_terminal(monkeypatch):
 def test_sparse_prefill_rows_when_supported():
     if "sparse" not in supported_prefills():
         pytest.skip("this sparse_attn has no sparse prefill (TopPPolicy has no 'prefill' field)")
-    rows = by_rule(run(config(rules=["dense", "top_p:1", "top_p:0.8"], prefills=["dense", "sparse"],
-                              max_new_tokens=8)))
-    assert set(rows) == {("niah_single", rule, prefill) for rule, prefill in
-                         [("dense", "dense"), ("top_p:1", "dense"), ("top_p:1", "sparse"),
-                          ("top_p:0.8", "dense"), ("top_p:0.8", "sparse")]}
+    rows = by_rule(
+        run(
+            config(
+                rules=["dense", "top_p:1", "top_p:0.8"],
+                prefills=["dense", "sparse"],
+                max_new_tokens=8,
+            )
+        )
+    )
+    assert set(rows) == {
+        ("niah_single", rule, prefill)
+        for rule, prefill in [
+            ("dense", "dense"),
+            ("top_p:1", "dense"),
+            ("top_p:1", "sparse"),
+            ("top_p:0.8", "dense"),
+            ("top_p:0.8", "sparse"),
+        ]
+    }
     dense = rows[("niah_single", "dense", "dense")]
     assert rows[("niah_single", "top_p:1", "sparse")]["completions"] == dense["completions"]
     assert rows[("niah_single", "top_p:0.8", "sparse")]["policy"]["prefill"] == "sparse"

@@ -1,6 +1,7 @@
 """bench/gpu/run.sh, the one-command GPU check (docs/gpu.md), in its --cpu mode: every stage and
 every benchmark section runs (small sizes, no sanitizer), so that the script a lent GPU machine
 runs once has already run here."""
+
 import json
 import os
 import subprocess
@@ -15,14 +16,27 @@ import sparse_attn
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "gpu" / "run.sh"
-FILES = {"env.txt", "build.log", "tests.log", "tests.xml", "bench.json", "bench.log", "sanitizer.log",
-         "summary.txt"}
+FILES = {
+    "env.txt",
+    "build.log",
+    "tests.log",
+    "tests.xml",
+    "bench.json",
+    "bench.log",
+    "sanitizer.log",
+    "summary.txt",
+}
 
 
 def run_script(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHON": sys.executable}
-    return subprocess.run(["bash", str(RUN), str(out), "--cpu", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(RUN), str(out), "--cpu", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +64,27 @@ def test_cpu_run_fills_every_benchmark_section(cpu_run):
     env, sections = report["environment"], report["sections"]
     assert env["git_commit"] and env["torch"] and env["transformers"]
     assert sections["peaks"]["copy_bytes_per_s"] > 0 and sections["peaks"]["matmul_flops_per_s"] > 0
-    for name, baseline in (("topp_select", "sort_cumsum"), ("gather_kv", "d2d_copy"),
-                           ("cumulative_scores", "fa2_forward")):
+    for name, baseline in (
+        ("topp_select", "sort_cumsum"),
+        ("gather_kv", "d2d_copy"),
+        ("cumulative_scores", "fa2_forward"),
+    ):
         rows = sections[name]
-        assert rows and all(r["baseline"] == baseline and r["ms"]["op"] > 0 and r["ms"][baseline] > 0
-                            and r["floor_ms"] > 0 for r in rows), rows
+        assert rows and all(
+            r["baseline"] == baseline
+            and r["ms"]["op"] > 0
+            and r["ms"][baseline] > 0
+            and r["floor_ms"] > 0
+            for r in rows
+        ), rows
     # Identical calls select identically (on CPU always; the GPU run reports its own count).
     assert all(r["repeat_calls_differing"] == 0 for r in sections["topp_select"])
     if hasattr(sparse_attn, "decode_attention"):
-        assert {r["case"].split(" tau=")[1] for r in sections["decode_attention"]} == {"0.1", "0.25", "0.5"}
+        assert {r["case"].split(" tau=")[1] for r in sections["decode_attention"]} == {
+            "0.1",
+            "0.25",
+            "0.5",
+        }
     else:
         assert "skipped" in sections["decode_attention"]
     model = sections["model"]
@@ -91,11 +117,17 @@ def test_summary_reads_failures_and_sanitizer_verdicts(tmp_path):
     stages = tmp_path / "stages.tsv"
     stages.write_text("tests\tfailed\t12\texit 1\nmemcheck\tfailed\t30\texit 3\n")
     script = ROOT / "bench" / "gpu" / "summary.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(stages)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(stages)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "1 passed, 1 failed" in text and "FAILED tests.test_x::test_a[cuda]: assert 1 == 2" in text
+    assert (
+        "1 passed, 1 failed" in text and "FAILED tests.test_x::test_a[cuda]: assert 1 == 2" in text
+    )
     assert "memcheck: ERROR SUMMARY: 2 errors; ops_smoke on cuda: 1 failed" in text
     assert "racecheck: no verdict" in text and "FAIL gather_kv x" in text
     assert "Benchmarks: no bench.json" in text
@@ -109,7 +141,9 @@ def stand_in_decode_attention(query, key, value, lengths, *, scale=None):
     k, v = (x.repeat_interleave(group, 1).float() for x in (key, value))
     limit = lengths.repeat_interleave(group, 1)[..., None] - (T - 1 - torch.arange(T))  # [B, Hq, T]
     mask = torch.arange(C) < limit[..., None]
-    out = torch.nn.functional.scaled_dot_product_attention(query.float(), k, v, attn_mask=mask, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), k, v, attn_mask=mask, scale=scale
+    )
     return out.to(query.dtype)
 
 
@@ -120,15 +154,19 @@ def test_decode_attention_paths(monkeypatch, tmp_path):
     import ops_smoke
 
     if not hasattr(sparse_attn, "decode_attention"):
-        monkeypatch.setattr(sparse_attn, "decode_attention", stand_in_decode_attention, raising=False)
+        monkeypatch.setattr(
+            sparse_attn, "decode_attention", stand_in_decode_attention, raising=False
+        )
     bench = bench_gpu.Bench("cpu", tmp_path / "bench.json", deadline=time.monotonic() + 600)
     bench_gpu.peaks_section(bench)
     rows = bench_gpu.decode_section(bench)
     assert [r["case"] for r in rows] == [
         f"B={b} context=1024 tau={tau}" for b in (1, 2) for tau in (0.1, 0.25, 0.5)
     ]
-    assert all(r["ms"]["op"] > 0 and r["ms"]["fa2_full"] > 0 and 0 < r["floor_ms"] < r["fa2_floor_ms"]
-               for r in rows)
+    assert all(
+        r["ms"]["op"] > 0 and r["ms"]["fa2_full"] > 0 and 0 < r["floor_ms"] < r["fa2_floor_ms"]
+        for r in rows
+    )
     monkeypatch.setattr(ops_smoke, "FAILURES", [])
     ops_smoke.smoke_decode_attention("cpu", torch.Generator().manual_seed(0))
     assert ops_smoke.FAILURES == []

@@ -18,7 +18,10 @@ def test_joint_reward_group_gate():
 
 
 def test_joint_reward_efficiency_weight():
-    correct, tau = torch.tensor([[1, 0, 1], [0, 0, 0]]), torch.tensor([[0.2, 0.4, 0.9], [0.1, 0.5, 0.3]])
+    correct, tau = (
+        torch.tensor([[1, 0, 1], [0, 0, 0]]),
+        torch.tensor([[0.2, 0.4, 0.9], [0.1, 0.5, 0.3]]),
+    )
     r = joint_rewards(correct, tau, weight=5.0)
     assert torch.allclose(r, torch.tensor([[1 + 5 * 0.8, 5 * 0.6, 1 + 5 * 0.1], [0.0, 0.0, 0.0]]))
     assert torch.equal(joint_rewards(correct, tau, weight=0.0), correct.float())
@@ -56,7 +59,9 @@ MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 @pytest.mark.parametrize("normalization,expect", [("grpo", 0.5), ("dapo", 0.8), ("dr_grpo", 4 / 6)])
 def test_loss_normalizations_on_policy(normalization, expect):
     logp = torch.zeros(2, 3)
-    loss, stats = grpo_loss(logp, logp, None, torch.tensor([1.0, -2.0]), MASK, normalization=normalization)
+    loss, stats = grpo_loss(
+        logp, logp, None, torch.tensor([1.0, -2.0]), MASK, normalization=normalization
+    )
     torch.testing.assert_close(loss, torch.tensor(expect))
     assert stats.clip_fraction == 0.0 and stats.kl == 0.0 and stats.ratio_mean == pytest.approx(1.0)
 
@@ -71,7 +76,9 @@ def test_clipping():
     loss, stats = grpo_loss(logp, logp_old, None, torch.tensor([-1.0]), mask, clip_eps=0.2)
     torch.testing.assert_close(loss, torch.tensor(1.5))  # negative advantage: the pessimistic term
     assert stats.clip_fraction == 0.0
-    loss, _ = grpo_loss(logp, logp_old, None, torch.tensor([1.0]), mask, clip_eps=0.2, clip_eps_high=0.28)
+    loss, _ = grpo_loss(
+        logp, logp_old, None, torch.tensor([1.0]), mask, clip_eps=0.2, clip_eps_high=0.28
+    )
     torch.testing.assert_close(loss, torch.tensor(-1.28))
 
 
@@ -122,10 +129,21 @@ def test_loss_gradient_matches_straightforward(normalization):
     for fn in ("ours", "straightforward"):
         logp = base.clone().requires_grad_()
         if fn == "ours":
-            loss, _ = grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps=0.2, beta=0.1,
-                                normalization=normalization, max_completion_length=8)
+            loss, _ = grpo_loss(
+                logp,
+                logp_old,
+                logp_ref,
+                adv,
+                mask,
+                clip_eps=0.2,
+                beta=0.1,
+                normalization=normalization,
+                max_completion_length=8,
+            )
         else:
-            loss = straightforward_loss(logp, logp_old, logp_ref, adv, mask, 0.2, 0.1, normalization, 8)
+            loss = straightforward_loss(
+                logp, logp_old, logp_ref, adv, mask, 0.2, 0.1, normalization, 8
+            )
         loss.backward()
         grads.append((loss.detach(), logp.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])

@@ -1,5 +1,6 @@
 """The text-only variant: key-value retrieval task, tiny Qwen2 + tokenizer, shipped checkpoint,
 and the same CLI commands with task=embedded_kv."""
+
 import json
 import re
 from pathlib import Path
@@ -7,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sf_train.config import SFConfig
 from sf_train.worlds import common
 from sf_train.worlds.kv import retrieval
-from sf_train.config import SFConfig
 from sf_train.worlds.kv.model import (
     TinyLMConfig,
     build_model,
@@ -20,7 +21,9 @@ from sf_train.worlds.kv.model import (
     save_checkpoint,
 )
 
-KV_BASE_CHECKPOINT = Path(__file__).resolve().parents[1] / "sf_train" / "worlds" / "kv" / "checkpoint"
+KV_BASE_CHECKPOINT = (
+    Path(__file__).resolve().parents[1] / "sf_train" / "worlds" / "kv" / "checkpoint"
+)
 HELDOUT_SLICE = 128
 
 
@@ -38,7 +41,9 @@ def test_samples_are_deterministic_and_the_splits_disjoint():
     assert len(train) == len(heldout) == 300 and not train & heldout
     for s in a:
         keys = [k for k, _ in s.pairs]
-        assert retrieval.MIN_PAIRS <= len(keys) <= retrieval.MAX_PAIRS and len(set(keys)) == len(keys)
+        assert retrieval.MIN_PAIRS <= len(keys) <= retrieval.MAX_PAIRS and len(set(keys)) == len(
+            keys
+        )
     # the asked pair is spread over the listing, not always first or last
     positions = {[k for k, _ in s.pairs].index(s.query) for s in a}
     assert len(positions) > 20
@@ -50,7 +55,9 @@ def test_samples_are_deterministic_and_the_splits_disjoint():
 
 def test_the_answer_is_the_value_of_the_asked_key():
     """Re-derived from the prompt text alone: "<k> <v> ... <k> <v> what is <k>"."""
-    for s in retrieval.make_samples("heldout", 0, 100) + retrieval.make_samples("train", 0, 50, 2, 8, 16):
+    for s in retrieval.make_samples("heldout", 0, 100) + retrieval.make_samples(
+        "train", 0, 50, 2, 8, 16
+    ):
         m = re.fullmatch(r"((?:k\d+ v\d+ )+)what is (k\d+)", s.prompt)
         assert m, s.prompt
         words = m.group(1).split()
@@ -70,9 +77,18 @@ def test_correctness_is_exact_and_shared_with_the_visual_task():
     other = next(v for v in retrieval.VALUES if v != value)
     assert common.is_correct(s.prompt, right, s.answer) == 1
     assert common.is_correct(s.prompt, f" Answer: {value.upper()}. ", s.answer) == 1
-    assert common.is_correct(s.prompt, f"answer {value} {other} what", s.answer) == 1  # words after ignored
-    for wrong in (value, f"answer {other}", f"answer {value}0", f"answer{value}", f"{value} answer",
-                  "answer", ""):
+    assert (
+        common.is_correct(s.prompt, f"answer {value} {other} what", s.answer) == 1
+    )  # words after ignored
+    for wrong in (
+        value,
+        f"answer {other}",
+        f"answer {value}0",
+        f"answer{value}",
+        f"{value} answer",
+        "answer",
+        "",
+    ):
         assert common.is_correct(s.prompt, wrong, s.answer) == 0, wrong
 
 
@@ -114,8 +130,10 @@ def test_shipped_checkpoint_scores_90_percent_dense():
     hits = 0
     for start in range(0, HELDOUT_SLICE, 64):
         samples = retrieval.make_samples("heldout", start, 64)
-        hits += sum(common.is_correct(s.prompt, c, s.answer)
-                    for s, c in zip(samples, generate_answer(model, tokenizer, samples)))
+        hits += sum(
+            common.is_correct(s.prompt, c, s.answer)
+            for s, c in zip(samples, generate_answer(model, tokenizer, samples))
+        )
     assert hits / HELDOUT_SLICE >= 0.9
     report = json.loads((KV_BASE_CHECKPOINT / "training_run.json").read_text())
     assert report["heldout_accuracy"] >= 0.9
@@ -128,7 +146,9 @@ def test_embedded_kv_resolves_its_packaged_checkpoint():
     assert Path(resolve_model(config).model) == EMBEDDED_TASKS["embedded_kv"].checkpoint
     assert Path(resolve_model(SFConfig()).model) == EMBEDDED_TASKS["embedded_vqa"].checkpoint
     assert resolve_model(SFConfig(task="embedded_kv", model="/some/dir")).model == "/some/dir"
-    assert EMBEDDED_TASKS["embedded_kv"].train_command.startswith("python -m sf_train.worlds.kv.sft --out ")
+    assert EMBEDDED_TASKS["embedded_kv"].train_command.startswith(
+        "python -m sf_train.worlds.kv.sft --out "
+    )
     policy, reference, training_task = load_models_and_task(config)
     assert policy is not reference and training_task.name == "embedded_kv"
     assert training_task.suppressed_token_ids == ()
@@ -145,16 +165,30 @@ def test_main_end_to_end_smoke(tmp_path, monkeypatch):
 
     compare = experiments.compare_checkpoints
     # fewer calibration samples for the baselines comparison, to keep the test fast
-    monkeypatch.setattr(experiments, "compare_checkpoints",
-                        lambda *a, **kw: compare(*a, **{**kw, "calibration": 4}))
+    monkeypatch.setattr(
+        experiments, "compare_checkpoints", lambda *a, **kw: compare(*a, **{**kw, "calibration": 4})
+    )
     out = tmp_path / "run"
-    cli.main(["main", "--set", "task=embedded_kv", "steps=1", "prompts_per_step=2", "eval_samples=4",
-              "baseline_samples=4", "p_grid=[0.9,0.975]", "eval_p=[0.975]", "save_every=1", f"out_dir={out}"])
+    cli.main(
+        [
+            "main",
+            "--set",
+            "task=embedded_kv",
+            "steps=1",
+            "prompts_per_step=2",
+            "eval_samples=4",
+            "baseline_samples=4",
+            "p_grid=[0.9,0.975]",
+            "eval_p=[0.975]",
+            "save_every=1",
+            f"out_dir={out}",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["task"] == "embedded_kv"
     assert Path(report["config"]["model"]) == PACKAGED_KV_CHECKPOINT
     for when in ("before", "after"):
-        for p, r in report[when].items():
+        for _p, r in report[when].items():
             assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 < r["token_ratio"] <= 1.0
             assert r["visual_token_ratio"] is None
     assert report["before"]["1.0"]["token_ratio"] == 1.0

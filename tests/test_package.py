@@ -6,8 +6,11 @@ from sparse_attn import _build_info, _extension, demo
 
 def test_refuses_a_build_for_another_torch(monkeypatch):
     monkeypatch.setattr(_build_info, "TORCH_VERSION", "0.0.0-other")
-    with pytest.raises(ImportError, match=r"(?s)built against torch 0\.0\.0-other but torch .* is installed.*"
-                                          r"pip install --no-build-isolation"):
+    with pytest.raises(
+        ImportError,
+        match=r"(?s)built against torch 0\.0\.0-other but torch .* is installed.*"
+        r"pip install --no-build-isolation",
+    ):
         _extension.load()
 
 

@@ -163,12 +163,17 @@ WINDOWED = {
         transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=8
     ),
     "mixtral": lambda: _tiny(
-        transformers.MixtralConfig, transformers.MixtralForCausalLM, sliding_window=8,
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        sliding_window=8,
         num_local_experts=2,
     ),
     "qwen3_moe": lambda: _tiny(
-        transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, use_sliding_window=True,
-        sliding_window=8, **MOE,
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        use_sliding_window=True,
+        sliding_window=8,
+        **MOE,
     ),
     "phi3": lambda: _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM, sliding_window=8),
     "starcoder2": lambda: _tiny(
@@ -176,12 +181,18 @@ WINDOWED = {
     ),
     # families that window the layers typed "sliding_attention"
     "qwen2": lambda: _tiny(
-        transformers.Qwen2Config, transformers.Qwen2ForCausalLM, use_sliding_window=True,
-        sliding_window=8, max_window_layers=1,
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
     ),
     "qwen3": lambda: _tiny(
-        transformers.Qwen3Config, transformers.Qwen3ForCausalLM, use_sliding_window=True,
-        sliding_window=8, max_window_layers=0,
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
     ),
     "gemma2": lambda: _tiny(
         transformers.Gemma2Config, transformers.Gemma2ForCausalLM, sliding_window=8, head_dim=16
@@ -190,7 +201,9 @@ WINDOWED = {
 
 FULL = {
     "mistral_no_window": lambda: _tiny(
-        transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=None,
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        sliding_window=None,
         max_position_embeddings=32768,
     ),
     "mixtral_default": lambda: _tiny(
@@ -200,14 +213,19 @@ FULL = {
         transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, **MOE
     ),
     "qwen2_moe_default": lambda: _tiny(  # sliding_window=0 there when unused
-        transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
-        shared_expert_intermediate_size=32, **MOE,
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        shared_expert_intermediate_size=32,
+        **MOE,
     ),
     "phi3_default": lambda: _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM),
     # use_sliding_window, but max_window_layers >= the layers: every layer is full attention
     "qwen2_window_above_every_layer": lambda: _tiny(
-        transformers.Qwen2Config, transformers.Qwen2ForCausalLM, use_sliding_window=True,
-        sliding_window=8, max_window_layers=2,
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
     ),
     # a window of at least max_position_embeddings (as Phi-3-mini-128k's) never applies
     "phi3_window_beyond_positions": lambda: _tiny(
@@ -239,8 +257,12 @@ def test_full_attention_configs_are_served_like_dense(family):
 def test_a_window_is_checked_against_the_sequence_at_run_time():
     # Accepted (the window covers max_position_embeddings) but then fed a longer sequence.
     model = enable(
-        _tiny(transformers.Phi3Config, transformers.Phi3ForCausalLM, sliding_window=32,
-              max_position_embeddings=32)
+        _tiny(
+            transformers.Phi3Config,
+            transformers.Phi3ForCausalLM,
+            sliding_window=32,
+            max_position_embeddings=32,
+        )
     )
     short = make_inputs("llama", 1)
     short = {k: v[:, -20:] for k, v in short.items()}
@@ -255,12 +277,12 @@ def test_a_window_is_checked_against_the_sequence_at_run_time():
 def test_model_whose_attention_bypasses_the_interface_is_refused():
     # Falcon's attention calls SDPA itself: the sparse_topp function would never run.
     falcon = transformers.FalconForCausalLM(
-        transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4)
+        transformers.FalconConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
     )
     with pytest.raises(ValueError, match="FalconForCausalLM: its attention does not go through"):
         enable(falcon)
-
 
 
 @pytest.mark.parametrize(
@@ -280,7 +302,10 @@ def test_wrong_argument_types_are_type_errors_naming_the_argument(call, match):
 
 def test_numpy_scalars_count_as_python_numbers():
     policy = TopPPolicy(
-        p=np.float32(0.9), n_probe=np.int64(8), keep_first=np.int32(2), keep_last=np.uint8(4),
+        p=np.float32(0.9),
+        n_probe=np.int64(8),
+        keep_first=np.int32(2),
+        keep_last=np.uint8(4),
         reselect_every=np.int64(0),
     )
     assert policy == TopPPolicy(p=float(np.float32(0.9)), n_probe=8, keep_first=2, keep_last=4)
@@ -288,8 +313,12 @@ def test_numpy_scalars_count_as_python_numbers():
     assert TopPPolicy(rule="top_k", keep_ratio=np.float64(0.5)).keep_ratio == 0.5
     assert TopPPolicy(rule="threshold", threshold=np.float16(2)).threshold == 2.0
     assert TopPPolicy(shared_from_layer=np.int16(1)).shared_from_layer == 1
-    for field, value in [("p", np.float32("nan")), ("p", np.bool_(True)), ("n_probe", np.float32(8)),
-                         ("keep_last", np.int64(-1))]:
+    for field, value in [
+        ("p", np.float32("nan")),
+        ("p", np.bool_(True)),
+        ("n_probe", np.float32(8)),
+        ("keep_last", np.int64(-1)),
+    ]:
         with pytest.raises(ValueError, match=f"TopPPolicy.{field}"):
             TopPPolicy(**{field: value})
     # and the policy drives a real selection
@@ -309,12 +338,21 @@ def test_cache_refuses_a_second_model_of_the_same_shapes():
     inputs = make_inputs("llama", 1)
     cache = TopPCache(TopPPolicy(p=0.9, n_probe=8))
     out = generate(first, inputs, cache)  # one model, many forward calls: fine
-    step = {"input_ids": out[:, -1:], "attention_mask": torch.ones(1, out.shape[1], dtype=torch.long)}
-    with torch.no_grad(), pytest.raises(RuntimeError, match="TopPCache layer 0 holds the keys and "
-                                                            "values of another model"):
+    step = {
+        "input_ids": out[:, -1:],
+        "attention_mask": torch.ones(1, out.shape[1], dtype=torch.long),
+    }
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            RuntimeError, match="TopPCache layer 0 holds the keys and values of another model"
+        ),
+    ):
         second(**step, **{cache_argument(second): cache})
     cache.reset()  # a reset cache takes any model
-    assert torch.equal(generate(second, inputs, cache), generate(second, inputs, TopPCache(cache.policy)))
+    assert torch.equal(
+        generate(second, inputs, cache), generate(second, inputs, TopPCache(cache.policy))
+    )
 
 
 # --- token ratio with an all-padding row ------------------------------------------------------------
@@ -352,13 +390,19 @@ def test_package_build_ships_checkpoints_without_warnings(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-c", "from setuptools import setup; setup()", "build_py", "-d", str(out)],
-        check=False, cwd=src, capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     log = run.stdout + run.stderr
     for alarm in ("would be ignored", "Deprecat", "not recognized"):
         assert alarm.lower() not in log.lower(), log
-    shipped = [p.relative_to(ROOT) for p in ROOT.glob("sf_train/**/checkpoint*/**/*") if p.is_file()]
+    shipped = [
+        p.relative_to(ROOT) for p in ROOT.glob("sf_train/**/checkpoint*/**/*") if p.is_file()
+    ]
     assert shipped, "no checkpoint folder found under sf_train"
     for path in shipped:
         assert (out / path).is_file(), path

@@ -1,7 +1,7 @@
 """Replay consistency on the tiny Qwen2.5-VL: images, mRoPE, visual-only pruning."""
+
 import pytest
 import torch
-
 from test_replay import assert_replay_matches_rollouts
 
 
@@ -20,6 +20,17 @@ def test_replay_on_the_tiny_vlm(granularity, prune, prefill):
             layer.self_attn.q_proj.weight.mul_(16.0)
     vqa = embedded_vqa(processor)
     inputs = dict(vqa.encode(vqa.samples("train", 0, 3)))
-    assert_replay_matches_rollouts(model, inputs, granularity, vqa.eos_token_id, vqa.pad_token_id, max_tau=0.97,
-                                   suppressed=vqa.suppressed_token_ids, n_probe=8, keep_first=1, keep_last=4,
-                                   prune=prune, prefill=prefill)
+    assert_replay_matches_rollouts(
+        model,
+        inputs,
+        granularity,
+        vqa.eos_token_id,
+        vqa.pad_token_id,
+        max_tau=0.97,
+        suppressed=vqa.suppressed_token_ids,
+        n_probe=8,
+        keep_first=1,
+        keep_last=4,
+        prune=prune,
+        prefill=prefill,
+    )

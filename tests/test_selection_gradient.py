@@ -1,7 +1,14 @@
 """The straight-through keep mask of the replay (SFConfig.selection_gradient): the forward is the
 recorded selection exactly, the gradient is the one written down in sf_train/replay.py."""
+
 import pytest
 import torch
+from test_replay import (
+    assert_replay_matches_rollouts,
+    left_padded_prompts,
+    replayed_logp,
+    tiny_qwen2,
+)
 
 from sf_train.config import SFConfig
 from sf_train.replay import (
@@ -12,7 +19,6 @@ from sf_train.replay import (
     straight_through_keep,
 )
 from sparse_attn.rules import indices_to_keep_mask
-from test_replay import assert_replay_matches_rollouts, left_padded_prompts, replayed_logp, tiny_qwen2
 
 
 def random_selection(gen, R, L, max_keep):
@@ -55,7 +61,7 @@ def test_straight_through_keep_value_and_gradient(gen):
     keep = straight_through_keep(scores, kept, valid, forced, temperature)
     assert torch.equal(keep.detach(), kept.double()), "the value is the recorded selection"
 
-    grad, = torch.autograd.grad(keep.sum(), scores)
+    (grad,) = torch.autograd.grad(keep.sum(), scores)
     candidates = valid & ~forced
     s = scores.detach()
     log_s = s.log()
@@ -76,7 +82,9 @@ def test_weighted_attention_equals_the_compact_replay(gen, dtype):
     v = torch.randn(B, Hkv, P + T, D, generator=gen).to(dtype)
     k[0, :, 3] *= 40  # a dropped key scoring far above the kept ones must not overflow
     selection = random_selection(gen, B, P, 11)
-    selection.indices[0, : int(selection.counts[0])] = torch.arange(4, 4 + int(selection.counts[0]), dtype=torch.int32)
+    selection.indices[0, : int(selection.counts[0])] = torch.arange(
+        4, 4 + int(selection.counts[0]), dtype=torch.int32
+    )
     keep = indices_to_keep_mask(selection.indices, P).float()
     scale = D**-0.5
     compact = _completion_attention(q.float(), k.float(), v.float(), P, selection, scale, 0.0)
@@ -88,15 +96,21 @@ def test_weighted_attention_equals_the_compact_replay(gen, dtype):
 
 def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
     B, Hq, Hkv, P, T, D = 2, 4, 2, 13, 3, 8
-    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h, n in ((Hq, T), (Hkv, P + T), (Hkv, P + T)))
+    q, k, v = (
+        torch.randn(B, h, n, D, generator=gen, dtype=torch.float64)
+        for h, n in ((Hq, T), (Hkv, P + T), (Hkv, P + T))
+    )
     selection = random_selection(gen, B, P, 6)
     keep = indices_to_keep_mask(selection.indices, P).double().requires_grad_(True)
     w = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
     loss = lambda m: (_weighted_completion_attention(q, k, v, m, 0.3) * w).sum()
-    grad, = torch.autograd.grad(loss(keep), keep)
+    (grad,) = torch.autograd.grad(loss(keep), keep)
     eps = 1e-6
-    for b, j in [(0, int(torch.nonzero(keep[0] == 0)[0])), (1, int(torch.nonzero(keep[1] == 0)[-1])),
-                 (0, int(selection.indices[0, 0]))]:
+    for b, j in [
+        (0, int(torch.nonzero(keep[0] == 0)[0])),
+        (1, int(torch.nonzero(keep[1] == 0)[-1])),
+        (0, int(selection.indices[0, 0])),
+    ]:
         bumped = keep.detach().clone()
         bumped[b, j] += eps
         fd = (loss(bumped) - loss(keep.detach())) / eps
@@ -106,8 +120,17 @@ def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
 
 def test_replay_with_selection_gradient_reproduces_rollout_logprobs():
     gradient = SelectionGradient(n_probe=8, keep_first=1, keep_last=2, temperature=1.0)
-    assert_replay_matches_rollouts(tiny_qwen2(), left_padded_prompts([40, 27, 33]), "layer", 1, 0,
-                                   gradient=gradient, n_probe=8, keep_first=1, keep_last=2)
+    assert_replay_matches_rollouts(
+        tiny_qwen2(),
+        left_padded_prompts([40, 27, 33]),
+        "layer",
+        1,
+        0,
+        gradient=gradient,
+        n_probe=8,
+        keep_first=1,
+        keep_last=2,
+    )
 
 
 def test_selection_gradient_reaches_the_probe_attention():
@@ -120,7 +143,9 @@ def test_selection_gradient_reaches_the_probe_attention():
     model, inputs = tiny_qwen2(), left_padded_prompts([40, 27, 33])
     enable(model)
     policy = TopPPolicy(p=0.6, n_probe=8, keep_first=1, keep_last=2)
-    group = rollout(model, inputs, policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, temperature=1.0)
+    group = rollout(
+        model, inputs, policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, temperature=1.0
+    )
     assert float(group.token_ratio.max()) < 0.9
     grads = {}
     for name, gradient in (("off", None), ("on", SelectionGradient(8, 1, 2))):
@@ -129,7 +154,9 @@ def test_selection_gradient_reaches_the_probe_attention():
         (logp * mask).sum().backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     name_q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(grads["on"][name_q], grads["off"][name_q]), "probe queries get the new term"
+    assert not torch.allclose(grads["on"][name_q], grads["off"][name_q]), (
+        "probe queries get the new term"
+    )
     torch.testing.assert_close(grads["on"]["lm_head.weight"], grads["off"]["lm_head.weight"])
 
 
@@ -139,19 +166,32 @@ def test_config_checks():
     with pytest.raises(ValueError, match="selection_gradient_temperature"):
         SFConfig(selection_gradient_temperature=0.0)
     assert SFConfig().replay_gradient() is None
-    assert SFConfig(selection_gradient=True, n_probe=5).replay_gradient() == SelectionGradient(5, 4, 16, 1.0)
+    assert SFConfig(selection_gradient=True, n_probe=5).replay_gradient() == SelectionGradient(
+        5, 4, 16, 1.0
+    )
 
 
 def test_trainer_step_with_selection_gradient(tmp_path):
-    from sf_train.trainer import SparsityForcingTrainer
     from toy_task import toy_model, toy_task
+
+    from sf_train.trainer import SparsityForcingTrainer
 
     weights = {}
     for on in (False, True):
         torch.manual_seed(0)
-        config = SFConfig(out_dir=str(tmp_path / str(on)), steps=1, prompts_per_step=4, p_grid=(0.5, 0.7, 0.9, 0.975),
-                          max_new_tokens=3, n_probe=4, keep_first=1, keep_last=2, lr=1e-3, beta=0.1,
-                          selection_gradient=on)
+        config = SFConfig(
+            out_dir=str(tmp_path / str(on)),
+            steps=1,
+            prompts_per_step=4,
+            p_grid=(0.5, 0.7, 0.9, 0.975),
+            max_new_tokens=3,
+            n_probe=4,
+            keep_first=1,
+            keep_last=2,
+            lr=1e-3,
+            beta=0.1,
+            selection_gradient=on,
+        )
         trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), toy_task())
         (metrics,) = trainer.train(progress=False)
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

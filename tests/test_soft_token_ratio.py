@@ -1,7 +1,9 @@
 """The smoothed token ratio: the exact top-p rule in the limit, the cache's tau on a real model,
 a gradient that concentrates attention, and clear errors."""
+
 import pytest
 import torch
+from toy_task import toy_encode, toy_model, toy_samples
 
 from sf_train.config import SFConfig
 from sf_train.rollout import rollout
@@ -9,7 +11,6 @@ from sf_train.soft_token_ratio import probe_scores, soft_token_ratio, soft_topp_
 from sparse_attn.attention import enable
 from sparse_attn.policy import TopPPolicy
 from sparse_attn.reference import forced_positions, topp_select
-from toy_task import toy_encode, toy_model, toy_samples
 
 
 def random_rows(R, L, generator, ties=False):
@@ -21,7 +22,9 @@ def random_rows(R, L, generator, ties=False):
     return scores.masked_fill(~valid, 0.0), valid
 
 
-@pytest.mark.parametrize("L,keep_first,keep_last,ties", [(37, 0, 0, False), (129, 2, 5, False), (64, 1, 3, True)])
+@pytest.mark.parametrize(
+    "L,keep_first,keep_last,ties", [(37, 0, 0, False), (129, 2, 5, False), (64, 1, 3, True)]
+)
 @pytest.mark.parametrize("p", [0.3, 0.7137, 0.9, 0.975])
 def test_soft_count_is_the_top_p_count_in_the_limit(L, keep_first, keep_last, ties, p):
     g = torch.Generator().manual_seed(L + int(1000 * p))
@@ -42,9 +45,18 @@ def test_soft_ratio_equals_the_caches_token_ratio():
     enable(model)
     for p in (0.5, 0.9, 0.975):
         policy = TopPPolicy(p=p, n_probe=4, keep_first=1, keep_last=2)
-        measured = rollout(model, inputs, policy, max_new_tokens=1, eos_token_id=1, pad_token_id=0,
-                           temperature=None).token_ratio
-        soft = soft_token_ratio(scores, inputs["attention_mask"].bool(), policy, [p], temperature=1e-7)
+        measured = rollout(
+            model,
+            inputs,
+            policy,
+            max_new_tokens=1,
+            eos_token_id=1,
+            pad_token_id=0,
+            temperature=None,
+        ).token_ratio
+        soft = soft_token_ratio(
+            scores, inputs["attention_mask"].bool(), policy, [p], temperature=1e-7
+        )
         torch.testing.assert_close(soft, measured.float(), atol=1e-4, rtol=0)
 
 
@@ -55,13 +67,17 @@ def test_descending_the_soft_ratio_concentrates_attention():
     forced = forced_positions(valid, 2, 4, None)
 
     def exact_count():
-        return topp_select(torch.softmax(logits.detach(), -1), 0.9, keep_first=2, keep_last=4)[1].float()
+        return topp_select(torch.softmax(logits.detach(), -1), 0.9, keep_first=2, keep_last=4)[
+            1
+        ].float()
 
     before = exact_count()
     optimizer = torch.optim.SGD([logits], lr=20.0)
     for _ in range(20):
         optimizer.zero_grad()
-        soft_topp_count(torch.softmax(logits, -1), 0.9, valid, forced, temperature=0.01).mean().backward()
+        soft_topp_count(
+            torch.softmax(logits, -1), 0.9, valid, forced, temperature=0.01
+        ).mean().backward()
         optimizer.step()
     after = exact_count()
     assert (after < before).all(), (before, after)

@@ -54,7 +54,9 @@ def reference_keep(policy, scores, valid, is_visual):
     keep = torch.zeros(indices.shape[0], L + 1, dtype=torch.bool)
     keep.scatter_(1, torch.where(indices >= 0, indices, L).long(), True)
     keep = keep[:, :L]
-    return keep[:, None].expand(B, Hkv, L) if policy.granularity == "layer" else keep.view(B, Hkv, L)
+    return (
+        keep[:, None].expand(B, Hkv, L) if policy.granularity == "layer" else keep.view(B, Hkv, L)
+    )
 
 
 class Reference:
@@ -69,8 +71,9 @@ class Reference:
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer_idx, P, policy = getattr(module, "layer_idx", None), self.P, self.policy
         if layer_idx is None:  # the vision tower
-            return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          scaling=scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
         B, Hq, S, D = query.shape
         Hkv = key.shape[1]
         g = Hq // Hkv
@@ -121,8 +124,17 @@ POLICIES = [
     ("qwen2", TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=1, granularity="kv_head")),
     ("llama", TopPPolicy(p=0.8, n_probe=64, keep_first=0, keep_last=1)),
     ("llama", TopPPolicy(rule="top_k", keep_ratio=0.3, n_probe=8, keep_first=1, keep_last=2)),
-    ("qwen2", TopPPolicy(rule="threshold", threshold=1.5, n_probe=4, keep_first=1, keep_last=1,
-                         granularity="kv_head")),
+    (
+        "qwen2",
+        TopPPolicy(
+            rule="threshold",
+            threshold=1.5,
+            n_probe=4,
+            keep_first=1,
+            keep_last=1,
+            granularity="kv_head",
+        ),
+    ),
     ("qwen2_5_vl", TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prune="visual")),
     ("qwen2_5_vl", TopPPolicy(p=0.7, n_probe=4, keep_first=1, keep_last=2, granularity="kv_head")),
     ("qwen2_5_vl", TopPPolicy.fastv(0.25)),
@@ -153,7 +165,11 @@ def test_greedy_generation_equals_reference(family, policy):
     P = inputs["input_ids"].shape[1]
     cache = TopPCache(policy, reserve=2)
     tokens = enable(model, policy).generate(
-        **inputs, **{cache_argument(model): cache}, max_new_tokens=6, do_sample=False, pad_token_id=0
+        **inputs,
+        **{cache_argument(model): cache},
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
     )
     current = dict(inputs)
     for step in range(6):
@@ -174,9 +190,12 @@ def test_sparse_and_dense_prefill_differ_only_after_selection():
     plain = TopPPolicy(p=1.0)
     with torch.no_grad():
         exact = model(**inputs, past_key_values=TopPCache(plain)).logits[:, -1]
-        dense = model(**inputs, past_key_values=TopPCache(
-            TopPPolicy(p=0.6, n_probe=8, prefill="dense"))).logits[:, -1]
-        sparse = model(**inputs, past_key_values=TopPCache(TopPPolicy(p=0.6, n_probe=8))).logits[:, -1]
+        dense = model(
+            **inputs, past_key_values=TopPCache(TopPPolicy(p=0.6, n_probe=8, prefill="dense"))
+        ).logits[:, -1]
+        sparse = model(**inputs, past_key_values=TopPCache(TopPPolicy(p=0.6, n_probe=8))).logits[
+            :, -1
+        ]
     torch.testing.assert_close(dense, exact, rtol=0, atol=0)
     assert (sparse - exact).abs().max() > 1e-3
 
@@ -229,12 +248,19 @@ def test_chunked_prefill_is_refused(prefill):
     """A 64-token prompt in chunks of 16 would select from the first chunk only and report the
     later chunks as kept (token ratio 1.0 for keep_last=16): refused instead."""
     model = make_model("qwen2")
-    inputs = {"input_ids": torch.randint(1, 100, (1, 64), generator=torch.Generator().manual_seed(3))}
+    inputs = {
+        "input_ids": torch.randint(1, 100, (1, 64), generator=torch.Generator().manual_seed(3))
+    }
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     policy = TopPPolicy(p=0.5, n_probe=8, keep_first=1, keep_last=16, prefill=prefill)
     with pytest.raises(RuntimeError, match="chunked prefill"):
-        enable(model).generate(**inputs, **{cache_argument(model): TopPCache(policy)}, max_new_tokens=2,
-                               pad_token_id=0, prefill_chunk_size=16)
+        enable(model).generate(
+            **inputs,
+            **{cache_argument(model): TopPCache(policy)},
+            max_new_tokens=2,
+            pad_token_id=0,
+            prefill_chunk_size=16,
+        )
     cache = TopPCache(policy)  # in one forward: it prunes
     model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=2, pad_token_id=0)
     assert cache.token_ratio < 0.9
@@ -247,9 +273,16 @@ def two_turns(model, inputs, cache, new_tokens=9):
     B = first.shape[0]
     new = torch.randint(1, 100, (B, new_tokens), generator=torch.Generator().manual_seed(4))
     conversation = torch.cat([first, new], 1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(B, conversation.shape[1] - inputs["input_ids"].shape[1],
-                                                            dtype=torch.long)], 1)
-    second = model.generate(input_ids=conversation, attention_mask=mask, **{cache_argument(model): cache}, **kw)
+    mask = torch.cat(
+        [
+            inputs["attention_mask"],
+            torch.ones(B, conversation.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long),
+        ],
+        1,
+    )
+    second = model.generate(
+        input_ids=conversation, attention_mask=mask, **{cache_argument(model): cache}, **kw
+    )
     return first, second, mask
 
 
@@ -259,7 +292,9 @@ def test_second_turn_at_p1_equals_dense(prefill):
 
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
     dense = two_turns(model, inputs, DynamicCache(config=model.config))
-    sparse = two_turns(enable(model), inputs, TopPCache(TopPPolicy(p=1.0, prefill=prefill), reserve=2))
+    sparse = two_turns(
+        enable(model), inputs, TopPCache(TopPPolicy(p=1.0, prefill=prefill), reserve=2)
+    )
     torch.testing.assert_close(sparse[1], dense[1], rtol=0, atol=0)
 
 
@@ -269,7 +304,9 @@ def test_second_turn_selects_again(prefill, granularity):
     """Every layer selects again over what it held and the new turn's tokens; the stats count
     what the cache holds then, out of every token of the conversation."""
     model, inputs = make_model("qwen2"), make_inputs("qwen2", 3)
-    policy = TopPPolicy(p=0.6, n_probe=4, keep_first=1, keep_last=2, prefill=prefill, granularity=granularity)
+    policy = TopPPolicy(
+        p=0.6, n_probe=4, keep_first=1, keep_last=2, prefill=prefill, granularity=granularity
+    )
     cache = TopPCache(policy, reserve=2)
     first, second, mask = two_turns(enable(model), inputs, cache)
     n_layers = model.config.num_hidden_layers
@@ -279,14 +316,18 @@ def test_second_turn_selects_again(prefill, granularity):
     for selection in cache.selections[n_layers:]:
         assert selection.seen_tokens == conversation
         assert torch.equal(selection.existed, mask.sum(-1))
-        held = held_positions(cache.layers[selection.layer_idx], second.shape[1])[..., :conversation]
+        held = held_positions(cache.layers[selection.layer_idx], second.shape[1])[
+            ..., :conversation
+        ]
         assert torch.equal(held.sum(-1), selection.kept)
-        assert held[..., first.shape[1]:].any()  # new-turn tokens are kept ...
-        assert held[..., conversation - policy.keep_last:].all()  # ... the last ones always
+        assert held[..., first.shape[1] :].any()  # new-turn tokens are kept ...
+        assert held[..., conversation - policy.keep_last :].all()  # ... the last ones always
         first_held = held
     assert first_held is not None and cache.token_ratio < 0.95
     assert cache.token_ratio == pytest.approx(
-        sum(float((s.kept / s.existed[:, None]).mean()) for s in cache.selections[n_layers:]) / n_layers)
+        sum(float((s.kept / s.existed[:, None]).mean()) for s in cache.selections[n_layers:])
+        / n_layers
+    )
 
 
 # --- the hand-off to the attention function ----------------------------------------------------

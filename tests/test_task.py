@@ -1,4 +1,5 @@
 """The synthetic visual QA task: deterministic, split cleanly, answers true to the pixels."""
+
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -21,7 +22,10 @@ def test_splits_are_disjoint():
     heldout = {s.image.tobytes() for s in scene.make_samples("heldout", 0, 200)}
     assert len(train) == len(heldout) == 200
     assert not train & heldout
-    assert max(common.SPLIT_SEED_OFFSET.values()) - min(common.SPLIT_SEED_OFFSET.values()) >= common.SPLIT_SIZE
+    assert (
+        max(common.SPLIT_SEED_OFFSET.values()) - min(common.SPLIT_SEED_OFFSET.values())
+        >= common.SPLIT_SIZE
+    )
 
 
 def test_bad_split_or_index_is_an_error():
@@ -42,7 +46,7 @@ def test_every_question_type_and_answer_appears_and_answers_are_one_word():
         assert set(s.question.text.split()) <= set(scene.vocabulary())
     assert answers["shape_of_colour"] == set(scene.SHAPES)
     assert answers["colour_of_shape"] == set(scene.COLOURS)
-    assert answers["count_shape"] == set(scene.NUMBER_WORDS[1:scene.MAX_COUNT + 1])
+    assert answers["count_shape"] == set(scene.NUMBER_WORDS[1 : scene.MAX_COUNT + 1])
     assert answers["exists"] == {"yes", "no"}
 
 
@@ -53,7 +57,7 @@ def drawn_at_some_offset(foreground, mask):
     if not (0 <= dy <= scene.CELL - scene.SHAPE_SIZE and 0 <= dx <= scene.CELL - scene.SHAPE_SIZE):
         return False
     placed = np.zeros_like(foreground)
-    placed[dy:dy + scene.SHAPE_SIZE, dx:dx + scene.SHAPE_SIZE] = mask
+    placed[dy : dy + scene.SHAPE_SIZE, dx : dx + scene.SHAPE_SIZE] = mask
     return np.array_equal(placed, foreground)
 
 
@@ -65,13 +69,17 @@ def parse_image(image):
     grid = image.shape[0] // scene.CELL
     for row in range(grid):
         for col in range(grid):
-            cell = image[row * scene.CELL:(row + 1) * scene.CELL, col * scene.CELL:(col + 1) * scene.CELL]
+            cell = image[
+                row * scene.CELL : (row + 1) * scene.CELL, col * scene.CELL : (col + 1) * scene.CELL
+            ]
             foreground = cell.max(-1) > scene.BACKGROUND + 3 * scene.BACKGROUND_NOISE
             if not foreground.any():
                 continue
             mean = cell[foreground].astype(float).mean(0)
             colour = list(scene.COLOURS)[int(np.argmin(((palette - mean) ** 2).sum(-1)))]
-            shapes = {shape for shape, mask in masks.items() if drawn_at_some_offset(foreground, mask)}
+            shapes = {
+                shape for shape, mask in masks.items() if drawn_at_some_offset(foreground, mask)
+            }
             assert len(shapes) == 1, f"cell ({row}, {col}) matches shapes {shapes}"
             found.add((row, col, shapes.pop(), colour))
     return found
@@ -137,17 +145,41 @@ def test_image_shape_and_visual_tokens():
     assert scene.GRID * scene.GRID == 196  # one visual token per cell with 8-px patches, 2x2 merge
 
 
-@pytest.mark.parametrize("completion, correct", [
-    ("red", 1), ("Red.", 1), (" red ", 1), ("RED!", 1), ("red\n", 1), ("red blue", 1), ("red, i think", 1),
-    ("reddish", 0), ("blue red", 0), ("", 0), ("  ", 0), ("...", 0), ("re d", 0), ("the red", 0),
-])
+@pytest.mark.parametrize(
+    "completion, correct",
+    [
+        ("red", 1),
+        ("Red.", 1),
+        (" red ", 1),
+        ("RED!", 1),
+        ("red\n", 1),
+        ("red blue", 1),
+        ("red, i think", 1),
+        ("reddish", 0),
+        ("blue red", 0),
+        ("", 0),
+        ("  ", 0),
+        ("...", 0),
+        ("re d", 0),
+        ("the red", 0),
+    ],
+)
 def test_is_correct_checks_the_first_word_exactly(completion, correct):
     assert common.is_correct("what colour is the triangle ?", completion, "red") == correct
 
 
-@pytest.mark.parametrize("completion, correct", [
-    ("answer v7", 1), ("Answer: V7.", 1), ("answer v7 v8", 1), ("answer v71", 0), ("v7", 0), ("answer", 0), ("", 0),
-])
+@pytest.mark.parametrize(
+    "completion, correct",
+    [
+        ("answer v7", 1),
+        ("Answer: V7.", 1),
+        ("answer v7 v8", 1),
+        ("answer v71", 0),
+        ("v7", 0),
+        ("answer", 0),
+        ("", 0),
+    ],
+)
 def test_is_correct_matches_every_word_of_a_multi_word_answer(completion, correct):
     assert common.is_correct("", completion, "answer v7") == correct
 
@@ -160,5 +192,7 @@ def test_text_only_baselines_are_far_below_the_target():
         votes = defaultdict(Counter)
         for s in train:
             votes[key(s)][s.answer] += 1
-        hits = [votes[key(s)].most_common(1)[0][0] == s.answer if votes[key(s)] else 0 for s in heldout]
+        hits = [
+            votes[key(s)].most_common(1)[0][0] == s.answer if votes[key(s)] else 0 for s in heldout
+        ]
         assert np.mean(hits) < 0.45

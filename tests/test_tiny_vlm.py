@@ -1,4 +1,5 @@
 """The tiny Qwen2.5-VL: processor outputs, save/load, and the shipped base checkpoint's accuracy."""
+
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_processor_output_shapes_and_left_padding(processor):
     samples = scene.make_samples("heldout", 0, 3)  # questions of different lengths
     batch = encode_prompts(processor, samples)
     patches_per_image = (config.image_size // config.patch_size) ** 2
-    patch_dim = 3 * config.temporal_patch_size * config.patch_size ** 2
+    patch_dim = 3 * config.temporal_patch_size * config.patch_size**2
     assert batch["pixel_values"].shape == (3 * patches_per_image, patch_dim)
     assert batch["image_grid_thw"].tolist() == [[1, 28, 28]] * 3
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -50,9 +51,11 @@ def test_processor_output_shapes_and_left_padding(processor):
     assert (ids[:, -1] == processor.tokenizer.convert_tokens_to_ids(VISION_END)).all()
     # The question comes first, right before the image.
     for s, row, row_mask in zip(samples, ids, mask):
-        text = processor.tokenizer.decode(row[row_mask.bool()][:len(s.question.text.split())])
+        text = processor.tokenizer.decode(row[row_mask.bool()][: len(s.question.text.split())])
         assert text == s.question.text
-        assert row[row_mask.bool()][len(s.question.text.split())] == processor.tokenizer.convert_tokens_to_ids(VISION_START)
+        assert row[row_mask.bool()][
+            len(s.question.text.split())
+        ] == processor.tokenizer.convert_tokens_to_ids(VISION_START)
 
 
 def test_tokenizer_knows_every_task_word_and_answers_are_single_tokens(processor):
@@ -60,7 +63,9 @@ def test_tokenizer_knows_every_task_word_and_answers_are_single_tokens(processor
     for s in scene.make_samples("train", 0, 40):
         assert tokenizer.unk_token_id not in tokenizer(s.question.text).input_ids
         assert len(tokenizer(s.answer).input_ids) == 1
-    assert tokenizer.unk_token_id in tokenizer("Is there").input_ids  # case-sensitive: the task is lower case
+    assert (
+        tokenizer.unk_token_id in tokenizer("Is there").input_ids
+    )  # case-sensitive: the task is lower case
 
 
 def test_save_and_load_round_trip(tmp_path, processor):
@@ -70,7 +75,10 @@ def test_save_and_load_round_trip(tmp_path, processor):
     loaded, loaded_processor, loaded_config = load_checkpoint(tmp_path)
     assert loaded_config == config
     samples = scene.make_samples("heldout", 0, 2)
-    batch, loaded_batch = encode_prompts(processor, samples), encode_prompts(loaded_processor, samples)
+    batch, loaded_batch = (
+        encode_prompts(processor, samples),
+        encode_prompts(loaded_processor, samples),
+    )
     for key in batch:
         assert torch.equal(batch[key], loaded_batch[key])
     with torch.no_grad():
@@ -85,7 +93,7 @@ def shipped_accuracy():
     samples = scene.make_samples("heldout", 0, HELDOUT_SLICE)
     completions = []
     for start in range(0, HELDOUT_SLICE, 32):
-        completions += generate_answer(model, processor, samples[start:start + 32])
+        completions += generate_answer(model, processor, samples[start : start + 32])
     hits = [common.is_correct(s.question.text, c, s.answer) for s, c in zip(samples, completions)]
     return sum(hits) / HELDOUT_SLICE
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from selection import assert_selection_equivalent, kept_sets
 
 import sparse_attn
 import sparse_attn.reference as ref
-from selection import assert_selection_equivalent, kept_sets
 
 
 def make_scores(kind: str, R: int, L: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,8 +106,14 @@ def test_ties_break_to_lower_positions(device):
 def test_exact_threshold_is_reached_not_passed(device):
     # Dyadic scores: every sum is exact, so the minimal set is unambiguous.
     scores = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])  # total 1
-    for p, expect in [(0.5, [0]), (0.75, [0, 1]), (0.7500001, [0, 1, 2]), (0.875, [0, 1, 2]),
-                      (0.9375, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3, 4])]:
+    for p, expect in [
+        (0.5, [0]),
+        (0.75, [0, 1]),
+        (0.7500001, [0, 1, 2]),
+        (0.875, [0, 1, 2]),
+        (0.9375, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3, 4]),
+    ]:
         idx, cnt = sparse_attn.topp_select(scores.to(device), p)
         assert idx[0, : cnt.item()].tolist() == expect, p
 
@@ -131,21 +137,30 @@ def test_non_contiguous_scores(device, gen):
 # --- properties (hypothesis) -------------------------------------------------------------------
 
 row_values = st.lists(
-    st.one_of(st.floats(0, 100, width=32), st.sampled_from([0.0, 0.25, 1.0])), min_size=1, max_size=60
+    st.one_of(st.floats(0, 100, width=32), st.sampled_from([0.0, 0.25, 1.0])),
+    min_size=1,
+    max_size=60,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=row_values, p=st.floats(0.0078125, 1.0, width=32), keep_first=st.integers(0, 3),
-       keep_last=st.integers(0, 3), data=st.data())
+@given(
+    values=row_values,
+    p=st.floats(0.0078125, 1.0, width=32),
+    keep_first=st.integers(0, 3),
+    keep_last=st.integers(0, 3),
+    data=st.data(),
+)
 def test_minimal_top_p_set_properties(values, p, keep_first, keep_last, data):
     scores = torch.tensor([values], dtype=torch.float32)
     L = scores.shape[1]
     valid = torch.tensor([data.draw(st.lists(st.booleans(), min_size=L, max_size=L))])
-    idx, cnt = sparse_attn.topp_select(scores, p, valid_mask=valid, keep_first=keep_first,
-                                       keep_last=keep_last)
-    assert_selection_equivalent(idx, cnt, scores, p, valid_mask=valid, keep_first=keep_first,
-                                keep_last=keep_last)
+    idx, cnt = sparse_attn.topp_select(
+        scores, p, valid_mask=valid, keep_first=keep_first, keep_last=keep_last
+    )
+    assert_selection_equivalent(
+        idx, cnt, scores, p, valid_mask=valid, keep_first=keep_first, keep_last=keep_last
+    )
     kept = idx[0, : cnt.item()].tolist()
     assert kept == sorted(set(kept)), "ascending and unique"
     assert all(valid[0, j] for j in kept), "padding is never kept"
@@ -173,16 +188,40 @@ def test_minimal_top_p_set_properties(values, p, keep_first, keep_last, data):
         (lambda s: (s, 0.0), r"p must be in \(0, 1\]"),
         (lambda s: (s, 1.5), r"p must be in \(0, 1\]"),
         (lambda s: (s, math.nan), r"p must be in \(0, 1\]"),
-        (lambda s: (s, torch.tensor([0.5, 0.5, 1.01, 0.5], device=s.device)), r"p\[2\] = 1.01.* outside \(0, 1\]"),
+        (
+            lambda s: (s, torch.tensor([0.5, 0.5, 1.01, 0.5], device=s.device)),
+            r"p\[2\] = 1.01.* outside \(0, 1\]",
+        ),
         (lambda s: (s, torch.tensor([0.5, math.nan, 0.5, 0.5], device=s.device)), r"p\[1\] = nan"),
-        (lambda s: (s, torch.tensor([0.5, 0.5], device=s.device)), r"p as a tensor must have shape \[4\]"),
-        (lambda s: (s, torch.full((4,), 0.5, dtype=torch.float64, device=s.device)), "p as a tensor must be float32"),
-        (lambda s: (s.index_put((torch.tensor([2]), torch.tensor([3])), torch.tensor(math.nan)), 0.9),
-         r"scores\[2\] contains NaN or inf"),
-        (lambda s: (s.index_put((torch.tensor([1]), torch.tensor([0])), torch.tensor(math.inf)), 0.9),
-         r"scores\[1\] contains NaN or inf"),
-        (lambda s: (s.index_put((torch.tensor([3]), torch.tensor([5])), torch.tensor(-0.5)), 0.9),
-         r"scores\[3\] contains a negative value"),
+        (
+            lambda s: (s, torch.tensor([0.5, 0.5], device=s.device)),
+            r"p as a tensor must have shape \[4\]",
+        ),
+        (
+            lambda s: (s, torch.full((4,), 0.5, dtype=torch.float64, device=s.device)),
+            "p as a tensor must be float32",
+        ),
+        (
+            lambda s: (
+                s.index_put((torch.tensor([2]), torch.tensor([3])), torch.tensor(math.nan)),
+                0.9,
+            ),
+            r"scores\[2\] contains NaN or inf",
+        ),
+        (
+            lambda s: (
+                s.index_put((torch.tensor([1]), torch.tensor([0])), torch.tensor(math.inf)),
+                0.9,
+            ),
+            r"scores\[1\] contains NaN or inf",
+        ),
+        (
+            lambda s: (
+                s.index_put((torch.tensor([3]), torch.tensor([5])), torch.tensor(-0.5)),
+                0.9,
+            ),
+            r"scores\[3\] contains a negative value",
+        ),
     ],
 )
 def test_bad_input(device, make_args, match):
@@ -194,7 +233,10 @@ def test_bad_input(device, make_args, match):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(valid_mask=torch.ones(4, 8, dtype=torch.bool)), r"valid_mask must have shape \[4, 9\]"),
+        (
+            dict(valid_mask=torch.ones(4, 8, dtype=torch.bool)),
+            r"valid_mask must have shape \[4, 9\]",
+        ),
         (dict(valid_mask=torch.ones(4, 9)), "valid_mask must be a bool tensor"),
         (dict(candidate_mask=torch.ones(9, dtype=torch.bool)), r"candidate_mask must have shape"),
         (dict(keep_first=-1), "keep_first and keep_last must be >= 0"),
@@ -209,8 +251,9 @@ def test_bad_keywords(device, kw, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
 def test_mismatched_devices():
     with pytest.raises(RuntimeError, match="valid_mask is on cpu but scores is on cuda"):
-        sparse_attn.topp_select(torch.rand(2, 3, device="cuda"), 0.9,
-                                valid_mask=torch.ones(2, 3, dtype=torch.bool))
+        sparse_attn.topp_select(
+            torch.rand(2, 3, device="cuda"), 0.9, valid_mask=torch.ones(2, 3, dtype=torch.bool)
+        )
 
 
 # --- torch.library integration -----------------------------------------------------------------
@@ -226,7 +269,9 @@ def test_opcheck(device, gen):
 
 def test_compiles_fullgraph(device, gen):
     scores = make_scores("peaked", 4, 50, gen).to(device)
-    compiled = torch.compile(lambda s: sparse_attn.topp_select(s, 0.9, keep_first=2), fullgraph=True)
+    compiled = torch.compile(
+        lambda s: sparse_attn.topp_select(s, 0.9, keep_first=2), fullgraph=True
+    )
     idx, cnt = compiled(scores)
     assert_selection_equivalent(idx, cnt, scores, 0.9, keep_first=2)
 

@@ -1,21 +1,32 @@
 import json
-from dataclasses import replace
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from toy_task import toy_model, toy_task
 
 from sf_train.config import SFConfig
 from sf_train.trainer import METRICS_FILE, SparsityForcingTrainer
-from toy_task import toy_model, toy_task
 
 
 def make_config(tmp_path, **over):
-    values = dict(out_dir=str(tmp_path / "run"), steps=3, prompts_per_step=4, p_grid=(0.5, 0.7, 0.9, 0.975),
-                  max_new_tokens=3, n_probe=4, keep_first=1, keep_last=2, lr=1e-3, save_every=1, beta=0.1)
+    values = dict(
+        out_dir=str(tmp_path / "run"),
+        steps=3,
+        prompts_per_step=4,
+        p_grid=(0.5, 0.7, 0.9, 0.975),
+        max_new_tokens=3,
+        n_probe=4,
+        keep_first=1,
+        keep_last=2,
+        lr=1e-3,
+        save_every=1,
+        beta=0.1,
+    )
     values.update(over)
     return SFConfig(**values)
 
@@ -30,8 +41,18 @@ def test_short_run_logs_finite_metrics(tmp_path):
     history = trainer.train(progress=False)
     assert [m["step"] for m in history] == [1, 2, 3]
     for m in history:
-        for key in ("loss", "reward", "kl", "clip_fraction", "entropy", "zero_variance_groups",
-                    "token_ratio@0.5", "accuracy@0.975", "layer_retention/0", "rollout_tokens_per_s"):
+        for key in (
+            "loss",
+            "reward",
+            "kl",
+            "clip_fraction",
+            "entropy",
+            "zero_variance_groups",
+            "token_ratio@0.5",
+            "accuracy@0.975",
+            "layer_retention/0",
+            "rollout_tokens_per_s",
+        ):
             assert math.isfinite(m[key]), key
         assert 0.0 <= m["kl"] and 0.0 <= m["clip_fraction"] <= 1.0
         assert m["token_ratio@0.5"] < m["token_ratio@0.975"] <= 1.0, "lower p keeps fewer tokens"
@@ -56,8 +77,9 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     weights = {}
     for w in (0.0, 5.0):
         torch.manual_seed(0)
-        config = make_config(tmp_path / str(w), steps=2, soft_tau_weight=w, beta=0.0,
-                             efficiency_weight=0.0)
+        config = make_config(
+            tmp_path / str(w), steps=2, soft_tau_weight=w, beta=0.0, efficiency_weight=0.0
+        )
         trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), always_right)
         history = trainer.train(progress=False)
         weights[w] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
@@ -65,7 +87,9 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
             assert all(0.0 < m["soft_token_ratio"] <= 1.0 for m in history)
         else:
             assert "soft_token_ratio" not in history[0]
-    assert torch.equal(weights[0.0], torch.cat([p.detach().flatten() for p in toy_model().parameters()]))
+    assert torch.equal(
+        weights[0.0], torch.cat([p.detach().flatten() for p in toy_model().parameters()])
+    )
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
@@ -89,7 +113,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def _distributed_worker(rank, world_size, port, out_dir, soft_tau_weight, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(rank)
@@ -114,7 +140,9 @@ def test_two_process_gloo(tmp_path, soft_tau_weight):
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_distributed_worker, args=(2, port, tmp_path, soft_tau_weight, results), nprocs=2, join=True)
+    mp.spawn(
+        _distributed_worker, args=(2, port, tmp_path, soft_tau_weight, results), nprocs=2, join=True
+    )
     (h0, w0), (h1, w1) = results[0], results[1]
     assert h0 == h1, "metrics are averaged over ranks"
     assert torch.equal(w0, w1), "DDP keeps the replicas identical"

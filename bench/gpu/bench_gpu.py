@@ -24,6 +24,7 @@ over enough copies to exceed twice the L2 cache. The JSON is rewritten after eve
 run stopped by its time limit keeps what it measured. --cpu: small sizes and few runs, so that CI
 exercises every path; its figures are not results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 import decode_e2e  # noqa: E402
 import run_op_bench  # noqa: E402
 from op_cases import HEAD_DIM, KV_HEADS, N_PROBES, Q_HEADS, sort_cumsum_searchsorted  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import TopPCache, TopPPolicy  # noqa: E402
 from sparse_attn.attention import FLASH_FIRST, cache_argument  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
 MAX_INPUT_COPIES = 32
 TARGET_TAU = 0.25
@@ -70,8 +71,15 @@ SIZES = {
         decode_contexts=[4096, 16384, 32768, 65536],
         decode_batches=[1, 8],
         taus=[0.1, 0.25, 0.5],
-        model=dict(context=32768, batch=4, layers=4, intermediate=18944, new_tokens=32,
-                   repeats=2, candidate_p=(0.95, 0.9, 0.85, 0.8, 0.7, 0.5)),
+        model=dict(
+            context=32768,
+            batch=4,
+            layers=4,
+            intermediate=18944,
+            new_tokens=32,
+            repeats=2,
+            candidate_p=(0.95, 0.9, 0.85, 0.8, 0.7, 0.5),
+        ),
         repeats=run_op_bench.Repeats(rounds=3, warmup_s=0.05, runs=30),
         dtype=torch.bfloat16,
     ),
@@ -83,8 +91,15 @@ SIZES = {
         decode_contexts=[1024],
         decode_batches=[1, 2],
         taus=[0.1, 0.25, 0.5],
-        model=dict(context=128, batch=1, layers=1, intermediate=128, new_tokens=2,
-                   repeats=1, candidate_p=(0.9, 0.7)),
+        model=dict(
+            context=128,
+            batch=1,
+            layers=1,
+            intermediate=128,
+            new_tokens=2,
+            repeats=1,
+            candidate_p=(0.9, 0.7),
+        ),
         repeats=run_op_bench.Repeats(rounds=1, warmup_s=0.0, runs=3),
         dtype=torch.float32,
     ),
@@ -102,8 +117,12 @@ class Bench:
         self.dtype = self.sizes["dtype"]
         self.out = out
         self.deadline = deadline
-        self.report = {"device": device, "environment": environment(device), "sections": {},
-                       "errors": {}}
+        self.report = {
+            "device": device,
+            "environment": environment(device),
+            "sections": {},
+            "errors": {},
+        }
         self.peaks: run_op_bench.DevicePeaks | None = None
 
     # --- timing -------------------------------------------------------------------------------
@@ -168,17 +187,39 @@ class Bench:
         self.out.write_text(json.dumps(self.report, indent=2) + "\n")
 
 
-def row(bench: str, case: str, ms: dict[str, float], floor_ms: float, floor_note: str,
-        baseline: str | None, target: str, met: bool | None, **extra) -> dict:
+def row(
+    bench: str,
+    case: str,
+    ms: dict[str, float],
+    floor_ms: float,
+    floor_note: str,
+    baseline: str | None,
+    target: str,
+    met: bool | None,
+    **extra,
+) -> dict:
     """One result: every variant's median ms, the op's floor and its ratio to the baseline."""
-    r = {"bench": bench, "case": case, "ms": ms, "floor_ms": floor_ms, "floor_note": floor_note,
-         "op_over_floor": ms["op"] / floor_ms if floor_ms > 0 else None,
-         "baseline": baseline, "target": target, "met": met, **extra}
+    r = {
+        "bench": bench,
+        "case": case,
+        "ms": ms,
+        "floor_ms": floor_ms,
+        "floor_note": floor_note,
+        "op_over_floor": ms["op"] / floor_ms if floor_ms > 0 else None,
+        "baseline": baseline,
+        "target": target,
+        "met": met,
+        **extra,
+    }
     if baseline is not None:
         r["speedup_vs_baseline"] = ms[baseline] / ms["op"]
-    print(f"  {case}: " + ", ".join(f"{k} {v:.4g} ms" for k, v in ms.items())
-          + f", floor {floor_ms:.4g} ms" + ("" if met is None else f", target {'met' if met else 'MISSED'}"),
-          flush=True)
+    print(
+        f"  {case}: "
+        + ", ".join(f"{k} {v:.4g} ms" for k, v in ms.items())
+        + f", floor {floor_ms:.4g} ms"
+        + ("" if met is None else f", target {'met' if met else 'MISSED'}"),
+        flush=True,
+    )
     return r
 
 
@@ -192,11 +233,17 @@ def peaks_section(b: Bench) -> dict:
         src = torch.empty(2**24, dtype=torch.uint8)
         dst = torch.empty_like(src)
         a = torch.randn(256, 256)
-        ms = b.median_ms({"copy": [partial(dst.copy_, src)], "matmul": [partial(torch.matmul, a, a)]})
-        b.peaks = run_op_bench.DevicePeaks(2 * src.nbytes / (1e-3 * ms["copy"]),
-                                           2 * 256**3 / (1e-3 * ms["matmul"]))
-    print(f"  copy {b.peaks.copy_bytes_per_s / 1e9:.0f} GB/s (read + write), "
-          f"matmul {b.peaks.matmul_flops_per_s / 1e12:.1f} TFLOP/s", flush=True)
+        ms = b.median_ms(
+            {"copy": [partial(dst.copy_, src)], "matmul": [partial(torch.matmul, a, a)]}
+        )
+        b.peaks = run_op_bench.DevicePeaks(
+            2 * src.nbytes / (1e-3 * ms["copy"]), 2 * 256**3 / (1e-3 * ms["matmul"])
+        )
+    print(
+        f"  copy {b.peaks.copy_bytes_per_s / 1e9:.0f} GB/s (read + write), "
+        f"matmul {b.peaks.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
+        flush=True,
+    )
     return asdict(b.peaks)
 
 
@@ -212,6 +259,7 @@ def topp_section(b: Bench) -> list:
     cases = [("peaked", rows, length, p) for rows, length, p in b.sizes["topp"]]
     cases += [(kind, rows, length, 0.975) for kind, rows, length in b.sizes["topp_rows"]]
     for kind, rows, length, p in cases:
+
         def make(seed, kind=kind, rows=rows, length=length):
             gen = b.generator(seed)
             if kind == "peaked":
@@ -232,15 +280,24 @@ def topp_section(b: Bench) -> list:
         # Identical calls must give identical selections (docs/gpu.md#topp-select-histograms).
         first = sparse_attn.topp_select(inputs[0][0], p)
         differing = sum(
-            not all(torch.equal(x, y) for x, y in zip(first, sparse_attn.topp_select(inputs[0][0], p)))
+            not all(
+                torch.equal(x, y) for x, y in zip(first, sparse_attn.topp_select(inputs[0][0], p))
+            )
             for _ in range(10)
         )
-        results.append(row(
-            "topp_select", f"{kind} [{rows}, {length}] p={p}", ms, floor,
-            "one read of the fp32 scores at copy bandwidth", "sort_cumsum",
-            "op <= 2x floor (rows >= 16k)" if met is not None else "", met,
-            repeat_calls_differing=differing,
-        ))
+        results.append(
+            row(
+                "topp_select",
+                f"{kind} [{rows}, {length}] p={p}",
+                ms,
+                floor,
+                "one read of the fp32 scores at copy bandwidth",
+                "sort_cumsum",
+                "op <= 2x floor (rows >= 16k)" if met is not None else "",
+                met,
+                repeat_calls_differing=differing,
+            )
+        )
     return results
 
 
@@ -258,8 +315,10 @@ def gather_section(b: Bench) -> list:
             indices = torch.full((batch * KV_HEADS, length), -1, dtype=torch.int32, device=b.device)
             indices[:, :kept] = kept_positions
             counts = torch.full((batch * KV_HEADS,), kept, dtype=torch.int32, device=b.device)
-            out_k, out_v = (torch.empty(batch, KV_HEADS, kept, HEAD_DIM, dtype=b.dtype,
-                                        device=b.device) for _ in "kv")
+            out_k, out_v = (
+                torch.empty(batch, KV_HEADS, kept, HEAD_DIM, dtype=b.dtype, device=b.device)
+                for _ in "kv"
+            )
             return k, v, indices, counts, out_k, out_v
 
         def copy_same_bytes(k, v, out_k, out_v):
@@ -275,12 +334,19 @@ def gather_section(b: Bench) -> list:
         ms = b.median_ms(calls)
         nbytes = 2 * 2 * batch * KV_HEADS * kept * HEAD_DIM * b.dtype.itemsize
         floor = b.floor_ms(nbytes)
-        results.append(row(
-            "gather_kv", f"[{batch}, {KV_HEADS}, {length}, {HEAD_DIM}] tau={TARGET_TAU}", ms, floor,
-            "kept k and v read and written at copy bandwidth", "d2d_copy",
-            ">= 80% of copy bandwidth (op <= floor / 0.8)", ms["op"] <= floor / 0.8,
-            share_of_copy_bandwidth=floor / ms["op"],
-        ))
+        results.append(
+            row(
+                "gather_kv",
+                f"[{batch}, {KV_HEADS}, {length}, {HEAD_DIM}] tau={TARGET_TAU}",
+                ms,
+                floor,
+                "kept k and v read and written at copy bandwidth",
+                "d2d_copy",
+                ">= 80% of copy bandwidth (op <= floor / 0.8)",
+                ms["op"] <= floor / 0.8,
+                share_of_copy_bandwidth=floor / ms["op"],
+            )
+        )
     return results
 
 
@@ -301,6 +367,7 @@ def flash_call(q, k, v) -> tuple[Callable, str]:
 def cumulative_section(b: Bench) -> list:
     results = []
     for batch, hq, hkv, probes, keys in b.sizes["probes"]:
+
         def make(seed, batch=batch, hq=hq, hkv=hkv, probes=probes, keys=keys):
             gen = b.generator(seed)
             q = b.randn(batch, hq, probes, HEAD_DIM, gen=gen)
@@ -317,15 +384,25 @@ def cumulative_section(b: Bench) -> list:
                 "fa2_forward": [call for call, _ in flash],
             }
             ms = b.median_ms(calls)
-        nbytes = (batch * (hq * probes + hkv * keys) * HEAD_DIM * b.dtype.itemsize
-                  + batch * hkv * keys * 4)
+        nbytes = (
+            batch * (hq * probes + hkv * keys) * HEAD_DIM * b.dtype.itemsize
+            + batch * hkv * keys * 4
+        )
         flops = 2 * batch * hq * probes * keys * HEAD_DIM
         floor = b.floor_ms(nbytes, flops)
-        results.append(row(
-            "cumulative_scores", f"q [{batch}, {hq}, {probes}, {HEAD_DIM}] k [{batch}, {hkv}, {keys}, {HEAD_DIM}]",
-            ms, floor, "q, k read, fp32 scores written; q.k once", "fa2_forward",
-            "op <= 1.5x FA2 forward", ms["op"] <= 1.5 * ms["fa2_forward"], fa2_gqa=flash[0][1],
-        ))
+        results.append(
+            row(
+                "cumulative_scores",
+                f"q [{batch}, {hq}, {probes}, {HEAD_DIM}] k [{batch}, {hkv}, {keys}, {HEAD_DIM}]",
+                ms,
+                floor,
+                "q, k read, fp32 scores written; q.k once",
+                "fa2_forward",
+                "op <= 1.5x FA2 forward",
+                ms["op"] <= 1.5 * ms["fa2_forward"],
+                fa2_gqa=flash[0][1],
+            )
+        )
     return results
 
 
@@ -336,6 +413,7 @@ def decode_section(b: Bench) -> list | dict:
     itemsize = b.dtype.itemsize
     for context in b.sizes["decode_contexts"]:
         for batch in b.sizes["decode_batches"]:
+
             def make_full(seed, batch=batch, context=context):
                 gen = b.generator(seed)
                 q = b.randn(batch, Q_HEADS, 1, HEAD_DIM, gen=gen)
@@ -358,24 +436,34 @@ def decode_section(b: Bench) -> list | dict:
                     q = b.randn(batch, Q_HEADS, 1, HEAD_DIM, gen=gen)
                     k, v = (b.randn(batch, KV_HEADS, capacity, HEAD_DIM, gen=gen) for _ in "kv")
                     # Ragged per-head budgets around tau (each within 5% below it).
-                    lengths = kept - torch.randint(0, max(1, kept // 20), (batch, KV_HEADS),
-                                                   generator=gen, device=b.device)
+                    lengths = kept - torch.randint(
+                        0, max(1, kept // 20), (batch, KV_HEADS), generator=gen, device=b.device
+                    )
                     return q, k, v, lengths.int()
 
                 compact = b.copies(make_compact)
-                ms = b.median_ms({"op": [partial(sparse_attn.decode_attention, *x) for x in compact]})
+                ms = b.median_ms(
+                    {"op": [partial(sparse_attn.decode_attention, *x) for x in compact]}
+                )
                 ms["fa2_full"] = dense_ms
                 # K and V of the kept tokens read once (q and the output are negligible).
                 kept_bytes = sum(int(x[3].sum()) for x in compact[:1]) * 2 * HEAD_DIM * itemsize
                 floor = b.floor_ms(kept_bytes)
                 target = tau == 0.25 and context == 32768
-                results.append(row(
-                    "decode_attention", f"B={batch} context={context} tau={tau}", ms, floor,
-                    "kept K and V read once at copy bandwidth", "fa2_full",
-                    ">= 3x FA2 over the full cache" if target else "",
-                    ms["fa2_full"] / ms["op"] >= 3 if target else None,
-                    fa2_floor_ms=dense_floor, fa2_gqa=flash_gqa,
-                ))
+                results.append(
+                    row(
+                        "decode_attention",
+                        f"B={batch} context={context} tau={tau}",
+                        ms,
+                        floor,
+                        "kept K and V read once at copy bandwidth",
+                        "fa2_full",
+                        ">= 3x FA2 over the full cache" if target else "",
+                        ms["fa2_full"] / ms["op"] >= 3 if target else None,
+                        fa2_floor_ms=dense_floor,
+                        fa2_gqa=flash_gqa,
+                    )
+                )
                 del compact
     return results
 
@@ -413,8 +501,14 @@ def model_section(b: Bench) -> dict:
     """Dense FA2 over a DynamicCache vs TopPCache (p calibrated to a token ratio near 25%)."""
     m = b.sizes["model"]
     args = SimpleNamespace(
-        vocab=1024, intermediate=m["intermediate"], layers=m["layers"], contexts=[m["context"]],
-        new_tokens=m["new_tokens"], sharpen=16.0, device=b.device, dtype=b.dtype,
+        vocab=1024,
+        intermediate=m["intermediate"],
+        layers=m["layers"],
+        contexts=[m["context"]],
+        new_tokens=m["new_tokens"],
+        sharpen=16.0,
+        device=b.device,
+        dtype=b.dtype,
     )
     with torch.device(b.device):  # built on the device: a CPU init of 1B parameters is slow
         model = decode_e2e.make_model(args)
@@ -422,7 +516,9 @@ def model_section(b: Bench) -> dict:
     prompt = torch.randint(0, args.vocab, (m["batch"], m["context"]), generator=gen).to(b.device)
     watch = decode_e2e.Stopwatch(b.device)
     has_prefill_mode = "prefill" in TopPPolicy.__dataclass_fields__
-    reserve = {"reserve": args.new_tokens} if "reserve" in inspect.signature(TopPCache).parameters else {}
+    reserve = (
+        {"reserve": args.new_tokens} if "reserve" in inspect.signature(TopPCache).parameters else {}
+    )
 
     def run(method: tuple, new_tokens: int = args.new_tokens) -> tuple[float, float, object]:
         p, prefill_mode = method
@@ -459,7 +555,8 @@ def model_section(b: Bench) -> dict:
         decode_s = statistics.median(r[1] for r in runs[method])
         r = {
             "method": "dense_fa2" if p is None else "topp",
-            "p": p, "prefill": prefill_mode,
+            "p": p,
+            "prefill": prefill_mode,
             "prefill_ms": 1e3 * statistics.median(r[0] for r in runs[method]),
             "decode_ms_per_step": 1e3 * decode_s / args.new_tokens,
             "decode_tokens_per_s": m["batch"] * args.new_tokens / decode_s,
@@ -469,14 +566,22 @@ def model_section(b: Bench) -> dict:
         r["speedup"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
         r["kv_fraction"] = r["kv_bytes"] / dense["kv_bytes"]
         r["ttft_vs_dense"] = dense["prefill_ms"] / r["prefill_ms"]
-        print(f"  {r['method']} p={p} prefill={prefill_mode}: {r['decode_tokens_per_s']:.1f} tok/s "
-              f"x{r['speedup']:.2f}, TTFT {r['prefill_ms']:.1f} ms, KV x{r['kv_fraction']:.2f}, "
-              f"tau {r['token_ratio']:.3f}", flush=True)
+        print(
+            f"  {r['method']} p={p} prefill={prefill_mode}: {r['decode_tokens_per_s']:.1f} tok/s "
+            f"x{r['speedup']:.2f}, TTFT {r['prefill_ms']:.1f} ms, KV x{r['kv_fraction']:.2f}, "
+            f"tau {r['token_ratio']:.3f}",
+            flush=True,
+        )
         rows.append(r)
     target = next(r for r in rows if r["p"] == p_star)
     return {
-        "settings": {**m, "dtype": str(b.dtype).removeprefix("torch."), "sharpen": args.sharpen,
-                     "vocab": args.vocab, "prefill_field": has_prefill_mode},
+        "settings": {
+            **m,
+            "dtype": str(b.dtype).removeprefix("torch."),
+            "sharpen": args.sharpen,
+            "vocab": args.vocab,
+            "prefill_field": has_prefill_mode,
+        },
         "calibration_token_ratio": {str(p): t for p, t in taus.items()},
         "p_for_tau_25": p_star,
         "rows": rows,
@@ -490,10 +595,19 @@ def model_section(b: Bench) -> dict:
 
 def gpu_clocks() -> str | None:
     try:
-        return subprocess.run(
-            ["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
-        ).stdout.strip() or None
+        return (
+            subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -510,9 +624,13 @@ def environment(device: str) -> dict:
     env["has_decode_attention"] = hasattr(sparse_attn, "decode_attention")
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env |= {"sm_count": props.multi_processor_count, "l2_bytes": props.L2_cache_size,
-                "gpu_memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
-                "clocks_at_start": gpu_clocks()}
+        env |= {
+            "sm_count": props.multi_processor_count,
+            "l2_bytes": props.L2_cache_size,
+            "gpu_memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+            "clocks_at_start": gpu_clocks(),
+        }
     return env
 
 
@@ -520,8 +638,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     parser.add_argument("--cpu", action="store_true", help="small sizes on the CPU (CI)")
-    parser.add_argument("--deadline-s", type=float, default=1e9,
-                        help="skip the sections that cannot start this many seconds after launch")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=1e9,
+        help="skip the sections that cannot start this many seconds after launch",
+    )
     args = parser.parse_args()
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not (torch.cuda.is_available() and sparse_attn.cuda_kernels_built()):

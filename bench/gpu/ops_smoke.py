@@ -10,6 +10,7 @@ rows, the 1-byte word of gather_kv, B * H > 65535 (the grid-y loop), and decode_
 the installed sparse_attn has it. Inputs are made on the CPU and copied, so that under the
 sanitizer's kernel filter almost only our kernels run. Exit status 1 if any check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def smoke_cumulative_scores(device: str, gen: torch.Generator) -> None:
     # (B, Hq, Hkv, Lq, Lk, D): odd D (scalar staging), Lq > Lk, a long Lk with few heads (splits).
-    shapes = [(2, 6, 3, 5, 67, 40), (1, 4, 4, 9, 3, 8), (1, 2, 1, 3, 2100, 128), (1, 7, 1, 1, 130, 64)]
+    shapes = [
+        (2, 6, 3, 5, 67, 40),
+        (1, 4, 4, 9, 3, 8),
+        (1, 2, 1, 3, 2100, 128),
+        (1, 7, 1, 1, 130, 64),
+    ]
     for B, Hq, Hkv, Lq, Lk, D in shapes:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
@@ -63,11 +69,17 @@ def smoke_cumulative_scores(device: str, gen: torch.Generator) -> None:
                 kd = k.to(device) if align else misaligned(k, device)
                 md = None if mask is None else mask.to(device)
                 out = sparse_attn.cumulative_scores(qd, kd, causal=causal, key_mask=md)
-                ref = reference.cumulative_scores(q.double(), k.double(), causal=causal, key_mask=mask)
+                ref = reference.cumulative_scores(
+                    q.double(), k.double(), causal=causal, key_mask=mask
+                )
                 err = rel_err(out, ref)
                 tol = 1e-4 if dtype == torch.float32 else 2e-2
-                check(f"cumulative_scores B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} "
-                      f"causal={causal} aligned={align}", err <= tol, f"rel err {err:.2e}")
+                check(
+                    f"cumulative_scores B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} "
+                    f"causal={causal} aligned={align}",
+                    err <= tol,
+                    f"rel err {err:.2e}",
+                )
 
 
 def smoke_topp_select(device: str, gen: torch.Generator) -> None:
@@ -100,8 +112,11 @@ def smoke_topp_select(device: str, gen: torch.Generator) -> None:
 
 def smoke_gather_scatter(device: str, gen: torch.Generator) -> None:
     # (B, H, L, D, dtype): an odd row of bytes (1-byte words), fp32, bf16 per-head rows.
-    for B, H, L, D, dtype in ((2, 3, 37, 5, torch.uint8), (1, 2, 70, 33, torch.float32),
-                              (3, 4, 129, 64, torch.bfloat16)):
+    for B, H, L, D, dtype in (
+        (2, 3, 37, 5, torch.uint8),
+        (1, 2, 70, 33, torch.float32),
+        (3, 4, 129, 64, torch.bfloat16),
+    ):
         k = torch.randint(0, 200, (B, H, L, D), generator=gen).to(dtype)
         v = torch.randint(0, 200, (B, H, L, D), generator=gen).to(dtype)
         for per_head in (False, True):
@@ -118,13 +133,21 @@ def smoke_gather_scatter(device: str, gen: torch.Generator) -> None:
             same = all(torch.equal(o.cpu(), r) for o, r in zip(out, ref))
             check(f"gather_kv [{B}, {H}, {L}, {D}] {dtype} per_head={per_head}", same)
 
-            kc, vc = (torch.randint(0, 200, (B, H, capacity, D), generator=gen).to(dtype) for _ in "kv")
-            new_k, new_v = (torch.randint(0, 200, (B, H, L, D), generator=gen).to(dtype) for _ in "kv")
+            kc, vc = (
+                torch.randint(0, 200, (B, H, capacity, D), generator=gen).to(dtype) for _ in "kv"
+            )
+            new_k, new_v = (
+                torch.randint(0, 200, (B, H, L, D), generator=gen).to(dtype) for _ in "kv"
+            )
             slots = torch.full((R, L), -1, dtype=torch.int32)
             for r in range(R):
-                slots[r, : counts[r]] = torch.randperm(capacity, generator=gen)[: counts[r]].sort().values.int()
+                slots[r, : counts[r]] = (
+                    torch.randperm(capacity, generator=gen)[: counts[r]].sort().values.int()
+                )
             dk, dv = kc.to(device), vc.to(device)
-            sparse_attn.scatter_kv(dk, dv, new_k.to(device), new_v.to(device), slots.to(device), counts.to(device))
+            sparse_attn.scatter_kv(
+                dk, dv, new_k.to(device), new_v.to(device), slots.to(device), counts.to(device)
+            )
             rk, rv = kc.clone(), vc.clone()
             reference.scatter_kv(rk, rv, new_k, new_v, slots, counts)
             same = torch.equal(dk.cpu(), rk) and torch.equal(dv.cpu(), rv)
@@ -135,13 +158,17 @@ def smoke_gather_scatter(device: str, gen: torch.Generator) -> None:
     k = torch.randn(B, H, L, D, generator=gen)
     indices = torch.tensor([[0, 2, -1]], dtype=torch.int32)
     counts = torch.tensor([2], dtype=torch.int32)
-    out = sparse_attn.gather_kv(k.to(device), (2 * k).to(device), indices.to(device), counts.to(device))
+    out = sparse_attn.gather_kv(
+        k.to(device), (2 * k).to(device), indices.to(device), counts.to(device)
+    )
     ref = reference.gather_kv(k, 2 * k, indices, counts)
     check(f"gather_kv B*H = {B * H}", all(torch.equal(o.cpu(), r) for o, r in zip(out, ref)))
     kc, vc = torch.zeros(B, H, 4, D), torch.zeros(B, H, 4, D)
     dk, dv = kc.to(device), vc.to(device)
     lengths = torch.tensor([[3]], dtype=torch.int32)
-    sparse_attn.scatter_kv(dk, dv, k[:, :, :1].to(device), k[:, :, 1:2].to(device), lengths.to(device))
+    sparse_attn.scatter_kv(
+        dk, dv, k[:, :, :1].to(device), k[:, :, 1:2].to(device), lengths.to(device)
+    )
     reference.scatter_kv(kc, vc, k[:, :, :1], k[:, :, 1:2], lengths)
     check(f"scatter_kv B*H = {B * H}", torch.equal(dk.cpu(), kc) and torch.equal(dv.cpu(), vc))
 
@@ -175,15 +202,22 @@ def main() -> int:
         parser.error("--device cuda needs sparse_attn built with its CUDA kernels")
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    for smoke in (smoke_cumulative_scores, smoke_topp_select, smoke_gather_scatter, smoke_decode_attention):
+    for smoke in (
+        smoke_cumulative_scores,
+        smoke_topp_select,
+        smoke_gather_scatter,
+        smoke_decode_attention,
+    ):
         try:
             smoke(args.device, gen)
         except Exception as e:  # one op's crash must not hide the others' results
             check(smoke.__name__, False, f"{type(e).__name__}: {e}".splitlines()[0])
         if args.device == "cuda":
             torch.cuda.synchronize()
-    print(f"ops_smoke on {args.device}: {len(FAILURES)} failed, "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"ops_smoke on {args.device}: {len(FAILURES)} failed, {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     return 1 if FAILURES else 0
 
 

@@ -7,6 +7,7 @@ Prints the table and writes it to OUTDIR/summary.txt: each stage's outcome, the 
 failures (tests.xml), each sanitizer's verdict (sanitizer.log), every benchmark figure next to its
 floor and target (bench.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,14 +56,17 @@ def tests_part(xml_path: Path) -> list[str]:
             if child.tag in ("failure", "error"):
                 outcome = "failed" if child.tag == "failure" else "error"
                 message = (child.get("message") or child.text or "").strip().splitlines()
-                failures.append(f"  {outcome.upper()} {name}: {message[0][:160] if message else ''}")
+                failures.append(
+                    f"  {outcome.upper()} {name}: {message[0][:160] if message else ''}"
+                )
             elif child.tag == "skipped":
                 outcome = "skipped"
         counts[outcome] += 1
         if "cuda" in case.get("name", "") and outcome in ("passed", "failed", "error"):
             cuda["passed" if outcome == "passed" else "failed"] += 1
     lines = [
-        "Tests: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+        "Tests: "
+        + ", ".join(f"{n} {k}" for k, n in counts.items())
         + f" (parametrised on cuda: {cuda['passed']} passed, {cuda['failed']} failed or errors)"
     ]
     lines += failures[:MAX_FAILURES_LISTED]
@@ -104,17 +108,23 @@ def bench_part(path: Path) -> list[str]:
     except json.JSONDecodeError as e:
         return [f"Benchmarks: bench.json unreadable ({e})", ""]
     env, sections = report.get("environment", {}), report.get("sections", {})
-    lines = [f"Benchmarks on {env.get('device')} (torch {env.get('torch')}, CUDA {env.get('cuda')}, "
-             f"transformers {env.get('transformers')}, commit {str(env.get('git_commit'))[:12]})"]
+    lines = [
+        f"Benchmarks on {env.get('device')} (torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+        f"transformers {env.get('transformers')}, commit {str(env.get('git_commit'))[:12]})"
+    ]
     if report.get("device") == "cpu":
-        lines.append("(--cpu: small sizes, few runs, no warm-up: these figures test the script, "
-                     "they are not results)")
+        lines.append(
+            "(--cpu: small sizes, few runs, no warm-up: these figures test the script, "
+            "they are not results)"
+        )
     peaks = sections.get("peaks")
     if peaks:
-        lines.append(f"Floors from: copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), "
-                     f"matmul {peaks['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
+        lines.append(
+            f"Floors from: copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), "
+            f"matmul {peaks['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"
+        )
     rows = []
-    for name, section in sections.items():
+    for _name, section in sections.items():
         if not isinstance(section, list):
             continue
         for r in section:
@@ -122,24 +132,68 @@ def bench_part(path: Path) -> list[str]:
             base = r.get("baseline")
             how = r.get("fa2_gqa")  # FA2 took GQA natively, or ran over repeated K/V
             base_label = f"{base} ({how})" if how and how != "enable_gqa" else base
-            rows.append([
-                r["bench"], r["case"], fmt(ms["op"]), f"{base_label} {fmt(ms[base])}" if base else "",
-                fmt(r["floor_ms"]), fmt(r.get("op_over_floor")), fmt(r.get("speedup_vs_baseline")) + "x",
-                (r.get("target") or "") + ("" if r.get("met") is None else f": {fmt(r['met'])}"),
-            ])
+            rows.append(
+                [
+                    r["bench"],
+                    r["case"],
+                    fmt(ms["op"]),
+                    f"{base_label} {fmt(ms[base])}" if base else "",
+                    fmt(r["floor_ms"]),
+                    fmt(r.get("op_over_floor")),
+                    fmt(r.get("speedup_vs_baseline")) + "x",
+                    (r.get("target") or "")
+                    + ("" if r.get("met") is None else f": {fmt(r['met'])}"),
+                ]
+            )
     if rows:
-        lines += table(["op", "case", "op ms", "baseline ms", "floor ms", "op/floor",
-                        "vs baseline", "target: met"], rows)
+        lines += table(
+            [
+                "op",
+                "case",
+                "op ms",
+                "baseline ms",
+                "floor ms",
+                "op/floor",
+                "vs baseline",
+                "target: met",
+            ],
+            rows,
+        )
     model = sections.get("model")
     if isinstance(model, dict) and "rows" in model:
-        lines += ["", f"Model ({model['settings']}); p for tau ~25%: {model['p_for_tau_25']}; "
-                  f"{model['target']}: {fmt(model['met'])}"]
+        lines += [
+            "",
+            f"Model ({model['settings']}); p for tau ~25%: {model['p_for_tau_25']}; "
+            f"{model['target']}: {fmt(model['met'])}",
+        ]
         lines += table(
-            ["method", "p", "prefill", "tok/s", "x dense", "TTFT ms", "TTFT x", "KV MiB", "KV x", "tau"],
-            [[r["method"], fmt(r["p"]), fmt(r["prefill"]), fmt(r["decode_tokens_per_s"], 4),
-              fmt(r["speedup"]), fmt(r["prefill_ms"], 4), fmt(r["ttft_vs_dense"]),
-              fmt(r["kv_bytes"] / 2**20, 4), fmt(r["kv_fraction"]), fmt(r["token_ratio"])]
-             for r in model["rows"]],
+            [
+                "method",
+                "p",
+                "prefill",
+                "tok/s",
+                "x dense",
+                "TTFT ms",
+                "TTFT x",
+                "KV MiB",
+                "KV x",
+                "tau",
+            ],
+            [
+                [
+                    r["method"],
+                    fmt(r["p"]),
+                    fmt(r["prefill"]),
+                    fmt(r["decode_tokens_per_s"], 4),
+                    fmt(r["speedup"]),
+                    fmt(r["prefill_ms"], 4),
+                    fmt(r["ttft_vs_dense"]),
+                    fmt(r["kv_bytes"] / 2**20, 4),
+                    fmt(r["kv_fraction"]),
+                    fmt(r["token_ratio"]),
+                ]
+                for r in model["rows"]
+            ],
         )
     for name, section in sections.items():
         if isinstance(section, dict) and "skipped" in section:
@@ -152,8 +206,12 @@ def bench_part(path: Path) -> list[str]:
 def main() -> int:
     out, stages = Path(sys.argv[1]), Path(sys.argv[2])
     lines = ["", "==================== sparse_attn GPU check: summary ===================="]
-    for part in (stages_part(out, stages), tests_part(out / "tests.xml"), sanitizer_part(out / "sanitizer.log"),
-                 bench_part(out / "bench.json")):
+    for part in (
+        stages_part(out, stages),
+        tests_part(out / "tests.xml"),
+        sanitizer_part(out / "sanitizer.log"),
+        bench_part(out / "bench.json"),
+    ):
         lines += part
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")

@@ -83,7 +83,9 @@ def load_models_and_task(config: SFConfig, model_dir: str | None = None):
     if config.task == "jsonl" and model_dir:  # your own data (sf_train/worlds/jsonl.py)
         from .jsonl import load_jsonl
 
-        return load_jsonl(config.data, model_dir, config.correctness, reference=not config.lora_rank)
+        return load_jsonl(
+            config.data, model_dir, config.correctness, reference=not config.lora_rank
+        )
     if not model_dir:
         raise ValueError(
             f"SFConfig.model is empty: task {config.task!r} is not an embedded task "

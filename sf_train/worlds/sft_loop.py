@@ -8,12 +8,14 @@ advance_at, or after the stage's step limit; the last stage runs to the end. The
 the clock, defines a run, so the same command gives the same checkpoint; ``minutes`` only stops
 a run early on a slower machine, and the report says so.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -58,13 +60,22 @@ class CurriculumRun:
     cpu_pressure_at_start: str | None = None
 
 
-def train_curriculum(model, optimizer, config, curriculum: Curriculum, seed: int, minutes: float) -> CurriculumRun:
+def train_curriculum(
+    model, optimizer, config, curriculum: Curriculum, seed: int, minutes: float
+) -> CurriculumRun:
     """Run config.steps optimizer steps (fewer if ``minutes`` run out) through the curriculum."""
     # cosine decay to min_lr_ratio at step config.steps (one past the last: the last update keeps
     # a little more than the minimum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, warmup_steps=config.warmup_steps, decay_steps=config.steps - config.warmup_steps,
-        min_lr_ratio=config.min_lr_ratio, schedule="cosine"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step,
+            warmup_steps=config.warmup_steps,
+            decay_steps=config.steps - config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+            schedule="cosine",
+        ),
+    )
     run = CurriculumRun(cpu_pressure_at_start=cpu_pressure(), started=time.time())
     deadline = run.started + 60 * minutes
     running_loss, hits, count = 0.0, 0, 0
@@ -86,17 +97,29 @@ def train_curriculum(model, optimizer, config, curriculum: Curriculum, seed: int
         hits, count = hits + batch_hits, count + batch_count
         if (step + 1) % config.log_every == 0:
             train_acc = hits / max(count, 1)
-            record = {"step": step + 1, **curriculum.stage_fields(stage_index, stage),
-                      "minutes": (time.time() - run.started) / 60, "loss": running_loss / config.log_every,
-                      curriculum.accuracy_name: train_acc, "lr": scheduler.get_last_lr()[0]}
+            record = {
+                "step": step + 1,
+                **curriculum.stage_fields(stage_index, stage),
+                "minutes": (time.time() - run.started) / 60,
+                "loss": running_loss / config.log_every,
+                curriculum.accuracy_name: train_acc,
+                "lr": scheduler.get_last_lr()[0],
+            }
             if (step + 1) % config.eval_every == 0:
                 record["heldout_acc"] = curriculum.heldout(model)
             run.history.append(record)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+            print(
+                json.dumps(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                ),
+                flush=True,
+            )
             running_loss, hits, count = 0.0, 0, 0
             last_stage = stage_index == len(curriculum.stages) - 1
-            if not last_stage and (train_acc >= config.advance_at
-                                   or step + 1 - stage_start >= curriculum.stage_max_steps(stage)):
+            if not last_stage and (
+                train_acc >= config.advance_at
+                or step + 1 - stage_start >= curriculum.stage_max_steps(stage)
+            ):
                 stage_index, stage_start = stage_index + 1, step + 1
                 run.stage_starts.append(stage_start)
     run.train_minutes = (time.time() - run.started) / 60
@@ -106,24 +129,49 @@ def train_curriculum(model, optimizer, config, curriculum: Curriculum, seed: int
 def add_run_arguments(parser, config_class) -> None:
     """The command-line options both SFT scripts take."""
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--minutes", type=float, default=15.0, help="stop training early after this long")
+    parser.add_argument(
+        "--minutes", type=float, default=15.0, help="stop training early after this long"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=config_class.steps)
     parser.add_argument("--threads", type=int, default=config_class.threads)
 
 
-def save_run(out: str, save_checkpoint: Callable[[str], None], report_name: str, run: CurriculumRun, model, config,
-             model_config, seed: int, heldout_accuracy, samples_name: str, batch_size: int, **extra) -> dict:
+def save_run(
+    out: str,
+    save_checkpoint: Callable[[str], None],
+    report_name: str,
+    run: CurriculumRun,
+    model,
+    config,
+    model_config,
+    seed: int,
+    heldout_accuracy,
+    samples_name: str,
+    batch_size: int,
+    **extra,
+) -> dict:
     """Write the checkpoint (``save_checkpoint(out)``) and the run's JSON report beside it."""
-    report = run_report(run, model, config, model_config, seed, heldout_accuracy, samples_name, batch_size, **extra)
+    report = run_report(
+        run, model, config, model_config, seed, heldout_accuracy, samples_name, batch_size, **extra
+    )
     save_checkpoint(out)
     with open(f"{out}/{report_name}", "w") as f:
         json.dump(report, f, indent=2)
     return report
 
 
-def run_report(run: CurriculumRun, model, config, model_config, seed: int, heldout_accuracy, samples_name: str,
-               batch_size: int, **extra) -> dict:
+def run_report(
+    run: CurriculumRun,
+    model,
+    config,
+    model_config,
+    seed: int,
+    heldout_accuracy,
+    samples_name: str,
+    batch_size: int,
+    **extra,
+) -> dict:
     """The JSON report of a finished run (written next to its checkpoint)."""
     return {
         "steps": run.steps_done,

@@ -9,6 +9,7 @@
 "top_p:0.9,0.975" is two rules. top_p / top_k / threshold take the run's common policy fields
 (--n-probe, --keep-first, --keep-last, --granularity); FastV has its own fixed settings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,13 @@ from ..policy import TopPPolicy
 from .model import EvalError
 
 FAMILIES = ("dense", "top_p", "top_k", "threshold", "fastv")
-DEFAULT_RULES = ("dense", "top_p:0.9,0.95,0.975,1", "top_k:0.1,0.25,0.5", "threshold:0.5,1,2",
-                 "fastv:0.25,0.5")
+DEFAULT_RULES = (
+    "dense",
+    "top_p:0.9,0.95,0.975,1",
+    "top_k:0.1,0.25,0.5",
+    "threshold:0.5,1,2",
+    "fastv:0.25,0.5",
+)
 PREFILLS = ("dense", "sparse")
 
 
@@ -49,13 +55,18 @@ class Rule:
             return None
         extra = {"prefill": prefill} if "sparse" in supported_prefills() else {}
         if prefill not in supported_prefills():
-            raise EvalError(f"--prefill {prefill}: this sparse_attn has no sparse prefill "
-                            "(TopPPolicy has no 'prefill' field); use --prefill dense")
+            raise EvalError(
+                f"--prefill {prefill}: this sparse_attn has no sparse prefill "
+                "(TopPPolicy has no 'prefill' field); use --prefill dense"
+            )
         try:
             if self.family == "fastv":
                 return TopPPolicy.fastv(self.value, **extra)
-            knob = {"top_p": {"p": self.value}, "top_k": {"rule": "top_k", "keep_ratio": self.value},
-                    "threshold": {"rule": "threshold", "threshold": self.value}}[self.family]
+            knob = {
+                "top_p": {"p": self.value},
+                "top_k": {"rule": "top_k", "keep_ratio": self.value},
+                "threshold": {"rule": "threshold", "threshold": self.value},
+            }[self.family]
             return TopPPolicy(**{**fields, **knob, **extra})
         except ValueError as error:
             raise EvalError(f"--rules {self.name}: {error}") from error
@@ -68,8 +79,10 @@ def parse_rules(specs: list[str]) -> list[Rule]:
         family, sep, values = spec.partition(":")
         family = family.strip()
         if family not in FAMILIES:
-            raise EvalError(f"--rules {spec!r}: unknown rule {family!r}; known: {', '.join(FAMILIES)} "
-                            "(e.g. top_p:0.9,0.975)")
+            raise EvalError(
+                f"--rules {spec!r}: unknown rule {family!r}; known: {', '.join(FAMILIES)} "
+                "(e.g. top_p:0.9,0.975)"
+            )
         if family == "dense":
             if sep:
                 raise EvalError(f"--rules {spec!r}: dense takes no value")
@@ -80,7 +93,9 @@ def parse_rules(specs: list[str]) -> list[Rule]:
             try:
                 parsed = [Rule(family, float(v)) for v in values.split(",") if v.strip()]
             except ValueError:
-                raise EvalError(f"--rules {spec!r}: values must be numbers separated by commas") from None
+                raise EvalError(
+                    f"--rules {spec!r}: values must be numbers separated by commas"
+                ) from None
         for rule in parsed:
             if rule not in rules:
                 rules.append(rule)

@@ -1,4 +1,5 @@
 """The evaluation grid: task x length x rule x prefill cells, each one row of results."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,12 +22,14 @@ ROWS_FILE = "results.jsonl"
 
 
 def parse_length(text: str | int) -> int:
-    """"4k" -> 4096, "1500" -> 1500."""
+    """ "4k" -> 4096, "1500" -> 1500."""
     raw = str(text).strip().lower()
     try:
         value = int(float(raw[:-1]) * 1024) if raw.endswith("k") else int(raw)
     except ValueError:
-        raise EvalError(f"--lengths {text!r}: expected a token count such as 512, 4k or 32k") from None
+        raise EvalError(
+            f"--lengths {text!r}: expected a token count such as 512, 4k or 32k"
+        ) from None
     if value <= 0:
         raise EvalError(f"--lengths {text!r}: must be > 0")
     return value
@@ -58,8 +61,12 @@ class EvalConfig:
     grid: int = 8
 
     def policy_fields(self) -> dict:
-        return dict(n_probe=self.n_probe, keep_first=self.keep_first, keep_last=self.keep_last,
-                    granularity=self.granularity)
+        return dict(
+            n_probe=self.n_probe,
+            keep_first=self.keep_first,
+            keep_last=self.keep_last,
+            granularity=self.granularity,
+        )
 
 
 @dataclass
@@ -95,14 +102,18 @@ def plan(config: EvalConfig) -> Plan:
         if name not in task_lib.TASKS:
             raise EvalError(f"--tasks: unknown task {name!r}; known: {', '.join(task_lib.TASKS)}")
         if name == "visual_needle" and not is_vlm:
-            raise EvalError(f"--tasks visual_needle needs a Qwen2-VL / Qwen2.5-VL model; "
-                            f"{config.model!r} is a {model_config.model_type!r} model")
+            raise EvalError(
+                f"--tasks visual_needle needs a Qwen2-VL / Qwen2.5-VL model; "
+                f"{config.model!r} is a {model_config.model_type!r} model"
+            )
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
     specs = config.rules or [r for r in DEFAULT_RULES if is_vlm or not r.startswith("fastv")]
     rules = parse_rules(specs)
     if not is_vlm and any(r.visual_only for r in rules):
-        raise EvalError("--rules fastv prunes visual tokens only: it needs a Qwen2-VL / Qwen2.5-VL model")
+        raise EvalError(
+            "--rules fastv prunes visual tokens only: it needs a Qwen2-VL / Qwen2.5-VL model"
+        )
     prefills = config.prefills or list(supported_prefills())
     for prefill in prefills:
         if prefill not in ("dense", "sparse"):
@@ -119,7 +130,8 @@ def plan(config: EvalConfig) -> Plan:
                 if needed > limit:
                     raise EvalError(
                         f"--lengths {length}: {length} prompt tokens + {max_new_tokens(config, name)} "
-                        f"generated for {name} exceed the model's max_position_embeddings = {limit}")
+                        f"generated for {name} exceed the model's max_position_embeddings = {limit}"
+                    )
     for name, value in (("--samples", config.samples), ("--batch-size", config.batch_size)):
         if value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
@@ -142,8 +154,16 @@ def _dense_kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def evaluate_cell(loaded: LoadedModel, fitted: list[dict], samples: list, rule: Rule, prefill: str,
-                  config: EvalConfig, max_new: int, bar=None) -> dict:
+def evaluate_cell(
+    loaded: LoadedModel,
+    fitted: list[dict],
+    samples: list,
+    rule: Rule,
+    prefill: str,
+    config: EvalConfig,
+    max_new: int,
+    bar=None,
+) -> dict:
     """Accuracy, token ratio, KV bytes and speed of one rule on prepared prompts."""
     from transformers import GenerationConfig
 
@@ -152,29 +172,42 @@ def evaluate_cell(loaded: LoadedModel, fitted: list[dict], samples: list, rule: 
     if policy is not None:
         enable(model, policy)
     pad = loaded.tokenizer.pad_token_id
-    generation = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=loaded.eos_token_id,
-                                  pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                                  return_dict_in_generate=True)
+    generation = GenerationConfig(
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=loaded.eos_token_id,
+        pad_token_id=pad,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        return_dict_in_generate=True,
+    )
     eos = generation.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     scores, ratios, visual, kv, completions = [], [], [], [], []
     generated, seconds = 0, 0.0
     for start in range(0, len(fitted), config.batch_size):
-        chunk = fitted[start:start + config.batch_size]
+        chunk = fitted[start : start + config.batch_size]
         inputs = loaded.batch(chunk)
-        kwargs = {cache_argument(model): TopPCache(policy, reserve=max_new)} if policy is not None else {}
+        kwargs = (
+            {cache_argument(model): TopPCache(policy, reserve=max_new)}
+            if policy is not None
+            else {}
+        )
         _sync(loaded.device)
         began = time.perf_counter()
         out = model.generate(**inputs, generation_config=generation, **kwargs)
         _sync(loaded.device)
         seconds += time.perf_counter() - began
-        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
         for row in new.tolist():
             ends = [i for i, t in enumerate(row) if t in eos_ids]
             generated += ends[0] + 1 if ends else len(row)
         texts = loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
         completions += texts
-        scores += [task_lib.score(t, s.answers) for t, s in zip(texts, samples[start:start + len(chunk)])]
+        scores += [
+            task_lib.score(t, s.answers) for t, s in zip(texts, samples[start : start + len(chunk)])
+        ]
         cache = out.past_key_values
         if policy is not None:
             ratios += cache.row_token_ratios.tolist()
@@ -206,15 +239,32 @@ def evaluate_cell(loaded: LoadedModel, fitted: list[dict], samples: list, rule: 
 
 
 def cell_key(row: dict) -> tuple:
-    return (row["model"], row["task"], row["length"], row["rule"], row["prefill"], row["samples"], row["seed"],
-            row["batch_size"], json.dumps(row.get("settings"), sort_keys=True))
+    return (
+        row["model"],
+        row["task"],
+        row["length"],
+        row["rule"],
+        row["prefill"],
+        row["samples"],
+        row["seed"],
+        row["batch_size"],
+        json.dumps(row.get("settings"), sort_keys=True),
+    )
 
 
 def _settings(config: EvalConfig, task: str) -> dict:
     """Everything besides the cell's coordinates that changes its result (for --resume)."""
-    return {**config.policy_fields(), "max_new_tokens": max_new_tokens(config, task), "dtype": config.dtype,
-            "chat_template": config.chat_template,
-            **({"image_size": config.image_size, "grid": config.grid} if task == "visual_needle" else {})}
+    return {
+        **config.policy_fields(),
+        "max_new_tokens": max_new_tokens(config, task),
+        "dtype": config.dtype,
+        "chat_template": config.chat_template,
+        **(
+            {"image_size": config.image_size, "grid": config.grid}
+            if task == "visual_needle"
+            else {}
+        ),
+    }
 
 
 def run(config: EvalConfig) -> list[dict]:
@@ -233,7 +283,11 @@ def run(config: EvalConfig) -> list[dict]:
                     done[cell_key(row)] = row
         elif rows_path.exists():
             rows_path.unlink()
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        config.device
+        if config.device != "auto"
+        else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     loaded = None
     rows = []
     total = grid.size * config.samples
@@ -242,37 +296,68 @@ def run(config: EvalConfig) -> list[dict]:
             for length in grid.lengths:
                 fitted = samples = None
                 for rule, prefill in grid.cells():
-                    row = {"model": str(config.model), "task": task, "length": length, "rule": rule.name,
-                           "prefill": prefill, "samples": config.samples, "seed": config.seed,
-                           "batch_size": config.batch_size, "settings": _settings(config, task)}
+                    row = {
+                        "model": str(config.model),
+                        "task": task,
+                        "length": length,
+                        "rule": rule.name,
+                        "prefill": prefill,
+                        "samples": config.samples,
+                        "seed": config.seed,
+                        "batch_size": config.batch_size,
+                        "settings": _settings(config, task),
+                    }
                     if cell_key(row) in done:
                         rows.append(done[cell_key(row)])
                         bar.update(config.samples)
                         continue
                     if loaded is None:
-                        loaded = load_model(config.model, device=device, dtype=config.dtype,
-                                            chat_template=config.chat_template)
+                        loaded = load_model(
+                            config.model,
+                            device=device,
+                            dtype=config.dtype,
+                            chat_template=config.chat_template,
+                        )
                         try:
                             enable(loaded.model)
                         except ValueError as error:  # e.g. sliding-window layers
                             raise EvalError(f"--model {config.model!r}: {error}") from error
-                        lexicon = task_lib.Lexicon(loaded.tokenizer, reserved=task_lib.TEMPLATE_WORDS)
+                        lexicon = task_lib.Lexicon(
+                            loaded.tokenizer, reserved=task_lib.TEMPLATE_WORDS
+                        )
                     if fitted is None:
                         bar.set_postfix_str(f"{task} @ {length}: building prompts")
-                        options = {"image_size": config.image_size, "grid": config.grid} \
-                            if task == "visual_needle" else {}
+                        options = (
+                            {"image_size": config.image_size, "grid": config.grid}
+                            if task == "visual_needle"
+                            else {}
+                        )
                         try:
-                            samples = [task_lib.make_sample(task, lexicon, config.seed, i, **options)
-                                       for i in range(config.samples)]
+                            samples = [
+                                task_lib.make_sample(task, lexicon, config.seed, i, **options)
+                                for i in range(config.samples)
+                            ]
                         except ValueError as error:
                             raise EvalError(f"--tasks {task}: {error}") from error
                         fitted = [loaded.fit(s, length) for s in samples]
                     bar.set_postfix_str(f"{task} @ {length}: {rule.name} ({prefill} prefill)")
-                    result = evaluate_cell(loaded, fitted, samples, rule, prefill, config,
-                                           max_new_tokens(config, task), bar)
-                    row.update(model_name=loaded.name, tokens=sum(f["tokens"] for f in fitted) / len(fitted),
-                               visual_tokens=sum(f["image_tokens"] for f in fitted) / len(fitted),
-                               device=str(loaded.device), **result)
+                    result = evaluate_cell(
+                        loaded,
+                        fitted,
+                        samples,
+                        rule,
+                        prefill,
+                        config,
+                        max_new_tokens(config, task),
+                        bar,
+                    )
+                    row.update(
+                        model_name=loaded.name,
+                        tokens=sum(f["tokens"] for f in fitted) / len(fitted),
+                        visual_tokens=sum(f["image_tokens"] for f in fitted) / len(fitted),
+                        device=str(loaded.device),
+                        **result,
+                    )
                     rows.append(row)
                     if out is not None:
                         with rows_path.open("a") as f:

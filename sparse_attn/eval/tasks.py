@@ -22,6 +22,7 @@ phrases the tokenizer encodes and decodes back unchanged; every template has fal
 bare form ("KEY VALUE", "what is KEY"), the first one the tokenizer encodes is used, and the
 haystack, keys and values come from words it encodes (docs/eval.md#tokenizers).
 """
+
 from __future__ import annotations
 
 import re
@@ -49,8 +50,13 @@ nebula opal pirate prism radar sapphire scarlet shadow summit thunder topaz trum
 voyage wizard breeze cedar dune fern grove heron iris ledge moss nest oak pine quay reed shell
 """.split()
 COLOUR_RGB = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
-    "purple": (160, 60, 210), "white": (235, 235, 235), "orange": (240, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (230, 210, 40),
+    "purple": (160, 60, 210),
+    "white": (235, 235, 235),
+    "orange": (240, 140, 30),
 }
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "cross")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -110,8 +116,13 @@ class Lexicon:
             seen = set(words)
             for token, _ in vocab:
                 text = self.tokenizer.convert_tokens_to_string([token]).strip()
-                if (token not in special and text.isalnum() and text.lower() not in self._reserved
-                        and text not in seen and self.encodes(text)):
+                if (
+                    token not in special
+                    and text.isalnum()
+                    and text.lower() not in self._reserved
+                    and text not in seen
+                    and self.encodes(text)
+                ):
                     words.append(text)
                     seen.add(text)
         return words
@@ -125,11 +136,16 @@ class Lexicon:
             pools = {"keys": words[0::2], "values": [], "filler": words[1::2]}
         else:
             pools = {"keys": words[0::3], "values": words[1::3], "filler": words[2::3]}
-        short = [name for name, pool in pools.items() if len(pool) < self.MIN_POOL
-                 and not (name == "values" and self.numbers)]
+        short = [
+            name
+            for name, pool in pools.items()
+            if len(pool) < self.MIN_POOL and not (name == "values" and self.numbers)
+        ]
         if short:
-            raise ValueError(f"the tokenizer encodes too few distinct words for the tasks "
-                             f"({len(words)} found; pools {short} need {self.MIN_POOL} each)")
+            raise ValueError(
+                f"the tokenizer encodes too few distinct words for the tasks "
+                f"({len(words)} found; pools {short} need {self.MIN_POOL} each)"
+            )
         return pools
 
     def values(self, rng: np.random.Generator, count: int) -> list[str]:
@@ -163,7 +179,9 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-IMAGE = "\x00IMAGE\x00"  # the image's place in a body; the model encoder substitutes the placeholders
+IMAGE = (
+    "\x00IMAGE\x00"  # the image's place in a body; the model encoder substitutes the placeholders
+)
 
 
 class Filler:
@@ -191,15 +209,26 @@ def with_inserts(filler: Filler, n: int, inserts: list[tuple[float, str]]) -> st
 
 
 NEEDLE = ("One of the special magic numbers for {key} is: {value}.", "{key} {value}")
-QUESTION = ("What is the special magic number for {key} mentioned in the provided text?", "what is {key} ?",
-            "what is {key}")
+QUESTION = (
+    "What is the special magic number for {key} mentioned in the provided text?",
+    "what is {key} ?",
+    "what is {key}",
+)
 ANSWER_PREFIX = ("The special magic number for {key} mentioned in the provided text is", "")
 # Words of the templates; kept out of the word pools so a key never reads like an instruction.
-TEMPLATE_WORDS = (*NEEDLE, *QUESTION, *ANSWER_PREFIX, "VAR what is answer the a colour shape",
-                  *COLOUR_RGB, *SHAPE_NAMES)
+TEMPLATE_WORDS = (
+    *NEEDLE,
+    *QUESTION,
+    *ANSWER_PREFIX,
+    "VAR what is answer the a colour shape",
+    *COLOUR_RGB,
+    *SHAPE_NAMES,
+)
 
 
-def _niah(name: str, lexicon: Lexicon, rng: np.random.Generator, index: int, keys: int, values: int) -> Sample:
+def _niah(
+    name: str, lexicon: Lexicon, rng: np.random.Generator, index: int, keys: int, values: int
+) -> Sample:
     names = lexicon.keys(rng, keys)
     vals = lexicon.values(rng, keys * values)
     needles = [(names[k], vals[k * values + v]) for k in range(keys) for v in range(values)]
@@ -211,14 +240,26 @@ def _niah(name: str, lexicon: Lexicon, rng: np.random.Generator, index: int, key
     question = lexicon.first(*QUESTION, key=asked)
     if values > 1:
         question = lexicon.first(
-            "What are all the special magic numbers for {key} mentioned in the provided text?", question,
-            key=asked)
+            "What are all the special magic numbers for {key} mentioned in the provided text?",
+            question,
+            key=asked,
+        )
     prefix = lexicon.first(*ANSWER_PREFIX, key=asked)
     if values > 1:
-        prefix = lexicon.first("The special magic numbers for {key} mentioned in the provided text are", prefix,
-                               key=asked)
-    return Sample(name, index, question, prefix, answers, lambda n: with_inserts(filler, n, inserts),
-                  meta={"depths": depths})
+        prefix = lexicon.first(
+            "The special magic numbers for {key} mentioned in the provided text are",
+            prefix,
+            key=asked,
+        )
+    return Sample(
+        name,
+        index,
+        question,
+        prefix,
+        answers,
+        lambda n: with_inserts(filler, n, inserts),
+        meta={"depths": depths},
+    )
 
 
 def niah_single(lexicon, rng, index):
@@ -236,23 +277,39 @@ def niah_multivalue(lexicon, rng, index):
 def variable_tracking(lexicon, rng, index, hops: int = 5) -> Sample:
     letters = [chr(ord("A") + i) for i in range(26)]
     upper = ["".join(rng.choice(letters, size=5)) for _ in range(hops)]
-    names = upper if all(lexicon.encodes(f"VAR {u} = 1 .") for u in upper) else lexicon.keys(rng, hops)
+    names = (
+        upper if all(lexicon.encodes(f"VAR {u} = 1 .") for u in upper) else lexicon.keys(rng, hops)
+    )
     (value,) = lexicon.values(rng, 1)
     sources = [value, *names[:-1]]
     depths = sorted(rng.random(hops).tolist())  # assignments in chain order
     inserts = []
     for depth, name, source in zip(depths, names, sources):
         rhs = source if source == value else f"VAR {source}"
-        inserts.append((depth, lexicon.first("VAR {a} = {b} .", "{a} {c}", a=name, b=rhs, c=source)))
+        inserts.append(
+            (depth, lexicon.first("VAR {a} = {b} .", "{a} {c}", a=name, b=rhs, c=source))
+        )
     filler = Filler(lexicon, rng)
     question = lexicon.first(
-        "Find all variables that are assigned the value {value} in the text above.", "what is {value}",
-        value=value)
+        "Find all variables that are assigned the value {value} in the text above.",
+        "what is {value}",
+        value=value,
+    )
     prefix = lexicon.first(
         "Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
-        "assigned the value {value}, they are:", "", n=hops, value=value)
-    return Sample("variable_tracking", index, question, prefix, tuple(names),
-                  lambda n: with_inserts(filler, n, inserts))
+        "assigned the value {value}, they are:",
+        "",
+        n=hops,
+        value=value,
+    )
+    return Sample(
+        "variable_tracking",
+        index,
+        question,
+        prefix,
+        tuple(names),
+        lambda n: with_inserts(filler, n, inserts),
+    )
 
 
 def common_words(lexicon, rng, index, top: int = 10) -> Sample:
@@ -273,9 +330,11 @@ def common_words(lexicon, rng, index, top: int = 10) -> Sample:
         return " ".join(f"{i + 1}. {w}" if numbered else w for i, w in enumerate(words))
 
     question = lexicon.first(
-        "What are the {top} most common words in the above list?", "what is", "", top=top)
-    prefix = lexicon.first("Answer: The top {top} words that appear most often in the list are:", "",
-                           top=top)
+        "What are the {top} most common words in the above list?", "what is", "", top=top
+    )
+    prefix = lexicon.first(
+        "Answer: The top {top} words that appear most often in the list are:", "", top=top
+    )
     return Sample("common_words", index, question, prefix, tuple(common), body)
 
 
@@ -298,7 +357,9 @@ def visual_needle(lexicon, rng, index, image_size: int = 448, grid: int = 8) -> 
     colours = [c for c in COLOUR_RGB if lexicon.encodes(c)]
     shapes = [s for s in SHAPE_NAMES if lexicon.encodes(s)]
     if len(colours) < 2 or len(shapes) < 2:
-        raise ValueError("visual_needle: the tokenizer does not encode enough colour and shape words")
+        raise ValueError(
+            "visual_needle: the tokenizer does not encode enough colour and shape words"
+        )
     target = shapes[int(rng.integers(len(shapes)))]
     others = [s for s in SHAPE_NAMES if s != target]
     colour = colours[int(rng.integers(len(colours)))]
@@ -310,18 +371,33 @@ def visual_needle(lexicon, rng, index, image_size: int = 448, grid: int = 8) -> 
     image = np.full((image_size, image_size, 3), 40, dtype=np.uint8)
     for i, c in enumerate(cells):
         shape = target if i == 0 else others[int(rng.integers(len(others)))]
-        rgb = COLOUR_RGB[colour] if i == 0 else COLOUR_RGB[list(COLOUR_RGB)[int(rng.integers(len(COLOUR_RGB)))]]
+        rgb = (
+            COLOUR_RGB[colour]
+            if i == 0
+            else COLOUR_RGB[list(COLOUR_RGB)[int(rng.integers(len(COLOUR_RGB)))]]
+        )
         top, left = int(c) // grid * cell + offset, int(c) % grid * cell + offset
-        image[top:top + size, left:left + size][shape_mask(shape, size)] = rgb
+        image[top : top + size, left : left + size][shape_mask(shape, size)] = rgb
     depth = float(rng.random())
     pool = [w for w in lexicon.pools["filler"] if w not in COLOUR_RGB and w not in SHAPE_NAMES]
     filler = Filler(lexicon, rng, pool or None)
-    question = lexicon.first("What colour is the {shape} in the image? Answer with one word.",
-                             "what colour is the {shape} ?", "what colour is the {shape}", shape=target)
+    question = lexicon.first(
+        "What colour is the {shape} in the image? Answer with one word.",
+        "what colour is the {shape} ?",
+        "what colour is the {shape}",
+        shape=target,
+    )
     prefix = lexicon.first("The {shape} is", "", shape=target)
-    return Sample("visual_needle", index, question, prefix, (colour,),
-                  lambda n: with_inserts(filler, n, [(depth, IMAGE)]), image=image,
-                  meta={"cell": int(cells[0]), "shape": target})
+    return Sample(
+        "visual_needle",
+        index,
+        question,
+        prefix,
+        (colour,),
+        lambda n: with_inserts(filler, n, [(depth, IMAGE)]),
+        image=image,
+        meta={"cell": int(cells[0]), "shape": target},
+    )
 
 
 TASKS = {
@@ -334,8 +410,14 @@ TASKS = {
 }
 TEXT_TASKS = tuple(t for t in TASKS if t != "visual_needle")
 # Tokens each task's answer needs (more for lists of answers).
-MAX_NEW_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "variable_tracking": 40,
-                  "common_words": 64, "visual_needle": 8}
+MAX_NEW_TOKENS = {
+    "niah_single": 16,
+    "niah_multikey": 16,
+    "niah_multivalue": 48,
+    "variable_tracking": 40,
+    "common_words": 64,
+    "visual_needle": 8,
+}
 
 
 def make_sample(task: str, lexicon: Lexicon, seed: int, index: int, **options) -> Sample:

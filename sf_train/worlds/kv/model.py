@@ -6,6 +6,7 @@ config, so everything sparse_attn and sf_train do to it they do to the real arch
 checkpoint directory holds the weights (safetensors), the tokenizer and our config (tiny_lm.json),
 as the VQA world's model (sf_train/worlds/vqa/model.py) does for the VLM.
 """
+
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +49,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(config: TinyLMConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
+def build_model(
+    config: TinyLMConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0
+) -> Qwen2ForCausalLM:
     """A freshly initialised tiny Qwen2 whose vocabulary is `tokenizer`'s."""
     eos, pad = tokenizer.convert_tokens_to_ids([EOS, PAD])
     model_config = Qwen2Config(
@@ -67,12 +70,21 @@ def build_model(config: TinyLMConfig, tokenizer: PreTrainedTokenizerFast, seed: 
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(model_config)
-    model.generation_config.update(eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
-                                   do_sample=False, temperature=None, top_p=None, top_k=None)
+    model.generation_config.update(
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     return model
 
 
-def save_checkpoint(directory, model, tokenizer: PreTrainedTokenizerFast, config: TinyLMConfig) -> None:
+def save_checkpoint(
+    directory, model, tokenizer: PreTrainedTokenizerFast, config: TinyLMConfig
+) -> None:
     """Model weights (safetensors), tokenizer and our config, in one directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,9 @@ def load_checkpoint(directory, attn_implementation: str = "sdpa", dtype=torch.fl
     """(model in eval mode, tokenizer, TinyLMConfig) from a directory written by save_checkpoint."""
     directory = Path(directory)
     config = TinyLMConfig(**json.loads((directory / TINY_CONFIG_FILE).read_text()))
-    model = Qwen2ForCausalLM.from_pretrained(directory, attn_implementation=attn_implementation, dtype=dtype)
+    model = Qwen2ForCausalLM.from_pretrained(
+        directory, attn_implementation=attn_implementation, dtype=dtype
+    )
     return model.eval(), PreTrainedTokenizerFast.from_pretrained(directory), config
 
 
@@ -99,4 +113,6 @@ def generate_answer(model, tokenizer, samples, max_new_tokens: int = 4) -> list[
     """Greedy completions (decoded text, special tokens removed) for a batch of retrieval samples."""
     batch = encode_prompts(tokenizer, samples).to(model.device)
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(
+        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )

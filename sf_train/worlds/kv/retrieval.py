@@ -24,6 +24,7 @@ of both words, case and punctuation ignored, anything after them ignored. Sample
 functions of (split, index), like the VQA world's: the train split uses seeds [0, 1e9), the
 held-out split seeds [1e9, 2e9), so the two never share a prompt.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,13 @@ def prompt_text(pairs, query: str) -> str:
     return f"{listing_text(pairs)} {question_text(query)}"
 
 
-def make_sample(split: str, index: int, min_pairs: int = MIN_PAIRS, max_pairs: int = MAX_PAIRS,
-                num_keys: int = NUM_KEYS) -> Sample:
+def make_sample(
+    split: str,
+    index: int,
+    min_pairs: int = MIN_PAIRS,
+    max_pairs: int = MAX_PAIRS,
+    num_keys: int = NUM_KEYS,
+) -> Sample:
     """Sample `index` of `split`: the same pairs, query and answer on every machine.
 
     The task has MIN_PAIRS..MAX_PAIRS pairs with keys from all NUM_KEYS; fewer pairs, or keys from
@@ -92,8 +98,10 @@ def make_sample(split: str, index: int, min_pairs: int = MIN_PAIRS, max_pairs: i
     if not 0 <= index < SPLIT_SIZE:
         raise ValueError(f"index must be in [0, {SPLIT_SIZE}), got {index}")
     if not 1 <= min_pairs <= max_pairs <= num_keys <= NUM_KEYS:
-        raise ValueError(f"need 1 <= min_pairs <= max_pairs <= num_keys <= {NUM_KEYS}, "
-                         f"got {min_pairs}, {max_pairs}, {num_keys}")
+        raise ValueError(
+            f"need 1 <= min_pairs <= max_pairs <= num_keys <= {NUM_KEYS}, "
+            f"got {min_pairs}, {max_pairs}, {num_keys}"
+        )
     rng = np.random.default_rng([SPLIT_SEED_OFFSET[split] + index, _STREAM])
     n = int(rng.integers(min_pairs, max_pairs + 1))
     keys = rng.choice(num_keys, size=n, replace=False)
@@ -103,9 +111,17 @@ def make_sample(split: str, index: int, min_pairs: int = MIN_PAIRS, max_pairs: i
     return Sample(split, index, pairs, pairs[target][0], pairs[target][1])
 
 
-def make_samples(split: str, start: int, count: int, min_pairs: int = MIN_PAIRS,
-                 max_pairs: int = MAX_PAIRS, num_keys: int = NUM_KEYS) -> list[Sample]:
-    return [make_sample(split, i, min_pairs, max_pairs, num_keys) for i in range(start, start + count)]
+def make_samples(
+    split: str,
+    start: int,
+    count: int,
+    min_pairs: int = MIN_PAIRS,
+    max_pairs: int = MAX_PAIRS,
+    num_keys: int = NUM_KEYS,
+) -> list[Sample]:
+    return [
+        make_sample(split, i, min_pairs, max_pairs, num_keys) for i in range(start, start + count)
+    ]
 
 
 def vocabulary() -> list[str]:

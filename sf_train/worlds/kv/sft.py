@@ -26,6 +26,7 @@ alone did not fix it either. What works, in stages:
 A stage ends when the teacher-forced value accuracy over the last log_every steps reaches
 advance_at, or after its max_steps; the last stage runs to the end.
 """
+
 import argparse
 from dataclasses import dataclass
 
@@ -79,7 +80,9 @@ def _pair_words(pairs) -> list[str]:
     return [w for pair in pairs for w in pair]
 
 
-def row_tokens(sample: retrieval.Sample, stage: Stage, eos: str) -> tuple[list[str], list[bool], list[bool]]:
+def row_tokens(
+    sample: retrieval.Sample, stage: Stage, eos: str
+) -> tuple[list[str], list[bool], list[bool]]:
     """(tokens, loss mask, value mask) of one training row; the masks flag the tokens predicted
     (the loss) and among them the value words (the teacher-forced accuracy)."""
     rng = np.random.default_rng([SPLIT_SEED_OFFSET[sample.split] + sample.index, 1])
@@ -94,7 +97,7 @@ def row_tokens(sample: retrieval.Sample, stage: Stage, eos: str) -> tuple[list[s
             values += [False, True]
     elif stage.kind == "query":
         others = [p for p in sample.pairs if p[0] != sample.query]
-        extra = [others[i] for i in rng.permutation(len(others))[:stage.queries - 1]]
+        extra = [others[i] for i in rng.permutation(len(others))[: stage.queries - 1]]
         for key, value in [(sample.query, sample.value), *extra]:
             completion = retrieval.completion_text(value).split() + [eos]
             tokens += retrieval.question_text(key).split() + completion
@@ -116,18 +119,24 @@ def training_batch(tokenizer, samples, stage: Stage) -> dict:
     values = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, (tokens, sup, val) in enumerate(rows):
         n = len(tokens)
-        ids[b, T - n:] = torch.tensor(tokenizer.convert_tokens_to_ids(tokens))
-        attention[b, T - n:] = 1
-        supervised[b, T - n:] = torch.tensor(sup)
-        values[b, T - n:] = torch.tensor(val)
-    return {"input_ids": ids, "attention_mask": attention,
-            "predicts": supervised[:, 1:], "predicts_value": values[:, 1:]}
+        ids[b, T - n :] = torch.tensor(tokenizer.convert_tokens_to_ids(tokens))
+        attention[b, T - n :] = 1
+        supervised[b, T - n :] = torch.tensor(sup)
+        values[b, T - n :] = torch.tensor(val)
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "predicts": supervised[:, 1:],
+        "predicts_value": values[:, 1:],
+    }
 
 
 def batch_loss(model, batch):
     """(mean cross-entropy over the supervised targets, value hits, value count); the lm head
     runs on the supervised positions only."""
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     where = batch["predicts"]
     logits = model.lm_head(hidden[:, :-1][where])
     targets = batch["input_ids"][:, 1:][where]
@@ -148,7 +157,9 @@ def heldout_accuracy(model, tokenizer, count: int, batch_size: int = 64) -> floa
     return hits / count
 
 
-def train(out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, minutes: float) -> dict:
+def train(
+    out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, minutes: float
+) -> dict:
     torch.set_num_threads(config.threads)
     tokenizer = build_tokenizer()
     model = build_model(model_config, tokenizer, seed=seed)
@@ -156,35 +167,72 @@ def train(out: str, config: KVSFTConfig, model_config: TinyLMConfig, seed: int, 
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2: {n_params:,} parameters, vocabulary {len(tokenizer)}")
 
     def batch(first_index, stage):
-        samples = retrieval.make_samples("train", first_index, config.batch_size,
-                                       stage.min_pairs, stage.max_pairs, stage.num_keys)
+        samples = retrieval.make_samples(
+            "train",
+            first_index,
+            config.batch_size,
+            stage.min_pairs,
+            stage.max_pairs,
+            stage.num_keys,
+        )
         return training_batch(tokenizer, samples, stage)
 
     curriculum = Curriculum(
-        stages=config.curriculum, batch_size=config.batch_size, batch=batch, loss=batch_loss,
+        stages=config.curriculum,
+        batch_size=config.batch_size,
+        batch=batch,
+        loss=batch_loss,
         heldout=lambda model: heldout_accuracy(model, tokenizer, config.eval_samples),
-        stage_fields=lambda index, stage: {"stage": index, "kind": stage.kind,
-                                           "pairs": [stage.min_pairs, stage.max_pairs], "keys": stage.num_keys},
-        stage_max_steps=lambda stage: stage.max_steps, accuracy_name="train_value_acc")
+        stage_fields=lambda index, stage: {
+            "stage": index,
+            "kind": stage.kind,
+            "pairs": [stage.min_pairs, stage.max_pairs],
+            "keys": stage.num_keys,
+        },
+        stage_max_steps=lambda stage: stage.max_steps,
+        accuracy_name="train_value_acc",
+    )
     run = train_curriculum(model, optimizer, config, curriculum, seed, minutes)
 
     accuracy = heldout_accuracy(model, tokenizer, config.final_eval_samples)
     print(f"held-out greedy accuracy on {config.final_eval_samples} samples: {accuracy:.4f}")
-    return save_run(out, lambda d: save_checkpoint(d, model, tokenizer, model_config), "training_run.json", run,
-                    model, config, model_config, seed, accuracy, "prompts_seen", config.batch_size)
+    return save_run(
+        out,
+        lambda d: save_checkpoint(d, model, tokenizer, model_config),
+        "training_run.json",
+        run,
+        model,
+        config,
+        model_config,
+        seed,
+        accuracy,
+        "prompts_seen",
+        config.batch_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, KVSFTConfig)
     args = parser.parse_args(argv)
-    train(args.out, KVSFTConfig(steps=args.steps, threads=args.threads), TinyLMConfig(), args.seed, args.minutes)
+    train(
+        args.out,
+        KVSFTConfig(steps=args.steps, threads=args.threads),
+        TinyLMConfig(),
+        args.seed,
+        args.minutes,
+    )
 
 
 if __name__ == "__main__":

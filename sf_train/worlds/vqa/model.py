@@ -12,6 +12,7 @@ processor), which we do not depend on. It uses the real Qwen2-VL image processor
 and produces the same input_ids, attention_mask, mm_token_type_ids, pixel_values and
 image_grid_thw as the real processor would.
 """
+
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from ..common import EOS, PAD, UNK
 from . import scene
 
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 SPECIAL_TOKENS = (PAD, EOS, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK)
 TINY_CONFIG_FILE = "tiny_vlm.json"
 
@@ -72,8 +78,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK,
         pad_token=PAD,
         eos_token=EOS,
-        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
-                              "vision_start_token": VISION_START, "vision_end_token": VISION_END},
+        extra_special_tokens={
+            "image_token": IMAGE_PAD,
+            "video_token": VIDEO_PAD,
+            "vision_start_token": VISION_START,
+            "vision_end_token": VISION_END,
+        },
         padding_side="left",
     )
 
@@ -86,25 +96,29 @@ def build_image_processor(config: TinyVLMConfig) -> Qwen2VLImageProcessorPil:
         patch_size=config.patch_size,
         merge_size=config.spatial_merge_size,
         temporal_patch_size=config.temporal_patch_size,
-        size={"shortest_edge": (2 * unit) ** 2, "longest_edge": config.image_size ** 2},
+        size={"shortest_edge": (2 * unit) ** 2, "longest_edge": config.image_size**2},
     )
 
 
 class TinyVLProcessor:
     """Images + text -> model inputs, as transformers' Qwen2_5_VLProcessor produces them."""
 
-    def __init__(self, image_processor: Qwen2VLImageProcessorPil, tokenizer: PreTrainedTokenizerFast):
+    def __init__(
+        self, image_processor: Qwen2VLImageProcessorPil, tokenizer: PreTrainedTokenizerFast
+    ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
-    def __call__(self, text: list[str], images=None, padding=True, return_tensors="pt") -> BatchFeature:
+    def __call__(
+        self, text: list[str], images=None, padding=True, return_tensors="pt"
+    ) -> BatchFeature:
         text = list(text)
         data = {}
         if images is not None:
             data.update(self.image_processor(images, return_tensors=return_tensors))
             # Each <|image_pad|> stands for its image's merged patches: t * h * w / merge^2 tokens.
-            merge = self.image_processor.merge_size ** 2
+            merge = self.image_processor.merge_size**2
             counts = iter((data["image_grid_thw"].prod(-1) // merge).tolist())
             if sum(t.count(IMAGE_PAD) for t in text) != len(data["image_grid_thw"]):
                 raise ValueError(f"the prompts must hold one {IMAGE_PAD} per image")
@@ -115,7 +129,9 @@ class TinyVLProcessor:
             text = expanded
         encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
         data.update(encoded)
-        data["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).to(encoded["input_ids"].dtype)
+        data["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).to(
+            encoded["input_ids"].dtype
+        )
         return BatchFeature(data, tensor_type=return_tensors)
 
     def batch_decode(self, token_ids, skip_special_tokens=True) -> list[str]:
@@ -127,8 +143,10 @@ class TinyVLProcessor:
 
     @classmethod
     def from_pretrained(cls, directory) -> "TinyVLProcessor":
-        return cls(Qwen2VLImageProcessorPil.from_pretrained(directory),
-                   PreTrainedTokenizerFast.from_pretrained(directory))
+        return cls(
+            Qwen2VLImageProcessorPil.from_pretrained(directory),
+            PreTrainedTokenizerFast.from_pretrained(directory),
+        )
 
 
 def build_processor(config: TinyVLMConfig) -> TinyVLProcessor:
@@ -147,7 +165,9 @@ def build_model(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast, seed:
             num_attention_heads=config.text_heads,
             num_key_value_heads=config.text_kv_heads,
             max_position_embeddings=1024,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=list(config.mrope_section)),
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, mrope_section=list(config.mrope_section)
+            ),
             bos_token_id=None,
             eos_token_id=ids[EOS],
             pad_token_id=ids[PAD],
@@ -171,8 +191,15 @@ def build_model(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast, seed:
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(model_config)
-    model.generation_config.update(eos_token_id=ids[EOS], pad_token_id=ids[PAD], bos_token_id=None,
-                                   do_sample=False, temperature=None, top_p=None, top_k=None)
+    model.generation_config.update(
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        bos_token_id=None,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     return model
 
 
@@ -191,7 +218,8 @@ def load_checkpoint(directory, attn_implementation: str = "sdpa", dtype=torch.fl
     fields = json.loads((directory / TINY_CONFIG_FILE).read_text())
     config = TinyVLMConfig(**{**fields, "mrope_section": tuple(fields["mrope_section"])})
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        directory, attn_implementation=attn_implementation, dtype=dtype)
+        directory, attn_implementation=attn_implementation, dtype=dtype
+    )
     return model.eval(), TinyVLProcessor.from_pretrained(directory), config
 
 
@@ -206,8 +234,12 @@ def prompt_text(question: str) -> str:
 
 def encode_prompts(processor, samples) -> BatchFeature:
     """Left-padded prompts (question + image) for a batch of task samples."""
-    return processor(text=[prompt_text(s.question.text) for s in samples],
-                     images=[s.image for s in samples], padding=True, return_tensors="pt")
+    return processor(
+        text=[prompt_text(s.question.text) for s in samples],
+        images=[s.image for s in samples],
+        padding=True,
+        return_tensors="pt",
+    )
 
 
 @torch.no_grad()
@@ -215,4 +247,6 @@ def generate_answer(model, processor, samples, max_new_tokens: int = 4) -> list[
     """Greedy answers (decoded text, special tokens removed) for a batch of task samples."""
     batch = encode_prompts(processor, samples).to(model.device)
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return processor.batch_decode(
+        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )

@@ -18,6 +18,7 @@ answer: see
 bench/sparsity_forcing_experiments.md. Samples are pure functions of (split, index): the train split uses
 seeds [0, 1e9), the held-out split seeds [1e9, 2e9), so the two never share a scene.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +48,13 @@ COLOURS = {
     "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "diamond": "diamonds", "cross": "crosses"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "cross": "crosses",
+}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("shape_of_colour", "colour_of_shape", "count_shape", "exists")
 
@@ -98,7 +104,11 @@ def answer_for(objects, question: Question) -> str:
         return match.colour
     if question.kind == "count_shape":
         return NUMBER_WORDS[sum(o.shape == question.shape for o in objects)]
-    return "yes" if any(o.shape == question.shape and o.colour == question.colour for o in objects) else "no"
+    return (
+        "yes"
+        if any(o.shape == question.shape and o.colour == question.colour for o in objects)
+        else "no"
+    )
 
 
 def shape_mask(shape: str, size: int = SHAPE_SIZE) -> np.ndarray:
@@ -122,7 +132,9 @@ def shape_mask(shape: str, size: int = SHAPE_SIZE) -> np.ndarray:
 SHAPE_MASKS = {shape: shape_mask(shape) for shape in SHAPES}
 
 
-def _scene_for(kind: str, max_objects: int, rng: np.random.Generator) -> tuple[list[tuple[str, str]], Question]:
+def _scene_for(
+    kind: str, max_objects: int, rng: np.random.Generator
+) -> tuple[list[tuple[str, str]], Question]:
     """(shape, colour) pairs of every object, and the question, for one question type."""
     colours = list(COLOURS)
     n = min(int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)), max_objects)
@@ -132,8 +144,10 @@ def _scene_for(kind: str, max_objects: int, rng: np.random.Generator) -> tuple[l
 
     def others(excluded_shape=None, excluded_colour=None, excluded_pair=None):
         while True:
-            pair = (pick([s for s in SHAPES if s != excluded_shape]),
-                    pick([c for c in colours if c != excluded_colour]))
+            pair = (
+                pick([s for s in SHAPES if s != excluded_shape]),
+                pick([c for c in colours if c != excluded_colour]),
+            )
             if pair != excluded_pair:
                 return pair
 
@@ -153,7 +167,10 @@ def _scene_for(kind: str, max_objects: int, rng: np.random.Generator) -> tuple[l
     if kind == "exists":
         shape, colour = pick(SHAPES), pick(colours)
         # The colour and the shape both appear elsewhere, so only their conjunction answers it.
-        objects = [(shape, others(excluded_colour=colour)[1]), (others(excluded_shape=shape)[0], colour)]
+        objects = [
+            (shape, others(excluded_colour=colour)[1]),
+            (others(excluded_shape=shape)[0], colour),
+        ]
         if rng.random() < 0.5:
             objects.append((shape, colour))
         objects += [others(excluded_pair=(shape, colour)) for _ in range(n - len(objects))]
@@ -167,8 +184,10 @@ def render(objects, grid: int, rng: np.random.Generator) -> np.ndarray:
     image = BACKGROUND + rng.integers(-BACKGROUND_NOISE, BACKGROUND_NOISE + 1, (size, size, 3))
     for obj in objects:
         top, left = obj.row * CELL + SHAPE_OFFSET, obj.col * CELL + SHAPE_OFFSET
-        colour = np.array(COLOURS[obj.colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-        box = image[top:top + SHAPE_SIZE, left:left + SHAPE_SIZE]
+        colour = np.array(COLOURS[obj.colour]) + rng.integers(
+            -COLOUR_JITTER, COLOUR_JITTER + 1, size=3
+        )
+        box = image[top : top + SHAPE_SIZE, left : left + SHAPE_SIZE]
         box[SHAPE_MASKS[obj.shape]] = colour
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -192,12 +211,18 @@ def make_sample(split: str, index: int, grid: int = GRID, max_objects: int = MAX
     pairs, question = _scene_for(kind, min(max_objects, grid * grid // 2), rng)
     cells = rng.choice(grid * grid, size=len(pairs), replace=False)
     order = rng.permutation(len(pairs))  # the target object must not always come first
-    objects = tuple(SceneObject(int(cells[i]) // grid, int(cells[i]) % grid, *pairs[j])
-                    for i, j in enumerate(order))
-    return Sample(split, index, render(objects, grid, rng), objects, question, answer_for(objects, question))
+    objects = tuple(
+        SceneObject(int(cells[i]) // grid, int(cells[i]) % grid, *pairs[j])
+        for i, j in enumerate(order)
+    )
+    return Sample(
+        split, index, render(objects, grid, rng), objects, question, answer_for(objects, question)
+    )
 
 
-def make_samples(split: str, start: int, count: int, grid: int = GRID, max_objects: int = MAX_OBJECTS) -> list[Sample]:
+def make_samples(
+    split: str, start: int, count: int, grid: int = GRID, max_objects: int = MAX_OBJECTS
+) -> list[Sample]:
     return [make_sample(split, i, grid, max_objects) for i in range(start, start + count)]
 
 
@@ -209,9 +234,16 @@ def well_posed_questions(objects) -> list[Question]:
     pairs = set(zip(shapes, colours))
     questions = [Question("shape_of_colour", colour=c) for c in COLOURS if colours.count(c) == 1]
     questions += [Question("colour_of_shape", shape=s) for s in SHAPES if shapes.count(s) == 1]
-    questions += [Question("count_shape", shape=s) for s in SHAPES if 1 <= shapes.count(s) <= MAX_COUNT]
-    questions += [Question("exists", shape=s, colour=c) for s in SHAPES for c in COLOURS
-                  if any(p[0] == s and p[1] != c for p in pairs) and any(p[0] != s and p[1] == c for p in pairs)]
+    questions += [
+        Question("count_shape", shape=s) for s in SHAPES if 1 <= shapes.count(s) <= MAX_COUNT
+    ]
+    questions += [
+        Question("exists", shape=s, colour=c)
+        for s in SHAPES
+        for c in COLOURS
+        if any(p[0] == s and p[1] != c for p in pairs)
+        and any(p[0] != s and p[1] == c for p in pairs)
+    ]
     return questions
 
 

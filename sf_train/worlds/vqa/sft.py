@@ -15,6 +15,7 @@ learning rate re-warmed to 2e-4, train-split indices of run seed 7): the curricu
 gets only ~500 steps at a decayed learning rate, and the shipped base model is the curriculum run
 (training_run.json) polished this way (polish_run.json).
 """
+
 import argparse
 import json
 from collections import defaultdict
@@ -34,6 +35,7 @@ from .model import (
     prompt_text,
     save_checkpoint,
 )
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -56,13 +58,27 @@ class SFTConfig:
     # few objects on a small board the vision tower learns shapes and colours first; the object
     # count then grows on small boards before the board grows to the task's full size.
     curriculum: tuple[tuple[int, int], ...] = (
-        (2, 1), (3, 2), (3, 3), (4, 4), (4, 6), (5, 8), (7, 10), (10, scene.MAX_OBJECTS), (scene.GRID, scene.MAX_OBJECTS))
+        (2, 1),
+        (3, 2),
+        (3, 3),
+        (4, 4),
+        (4, 6),
+        (5, 8),
+        (7, 10),
+        (10, scene.MAX_OBJECTS),
+        (scene.GRID, scene.MAX_OBJECTS),
+    )
     advance_at: float = 0.9
     max_stage_steps: int = 250
 
 
-POLISH_CONFIG = SFTConfig(steps=300, lr=2e-4, warmup_steps=10, min_lr_ratio=0.1,
-                          curriculum=((scene.GRID, scene.MAX_OBJECTS),))
+POLISH_CONFIG = SFTConfig(
+    steps=300,
+    lr=2e-4,
+    warmup_steps=10,
+    min_lr_ratio=0.1,
+    curriculum=((scene.GRID, scene.MAX_OBJECTS),),
+)
 POLISH_SEED = 7  # train-split indices [7e8, ...): images the curriculum run (seed 0) never saw
 
 
@@ -88,9 +104,18 @@ def parameter_groups(model, config: SFTConfig) -> list[dict]:
     groups = []
     for vision in (False, True):
         for matrix in (False, True):
-            params = [p for n, p in model.named_parameters() if ("visual." in n) == vision and (p.ndim >= 2) == matrix]
-            groups.append({"params": params, "weight_decay": config.weight_decay if matrix else 0.0,
-                           "lr": config.lr * (config.vision_lr_scale if vision else 1.0)})
+            params = [
+                p
+                for n, p in model.named_parameters()
+                if ("visual." in n) == vision and (p.ndim >= 2) == matrix
+            ]
+            groups.append(
+                {
+                    "params": params,
+                    "weight_decay": config.weight_decay if matrix else 0.0,
+                    "lr": config.lr * (config.vision_lr_scale if vision else 1.0),
+                }
+            )
     return groups
 
 
@@ -108,8 +133,14 @@ def heldout_accuracy(model, processor, count: int, batch_size: int = 64) -> dict
     return result
 
 
-def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, minutes: float,
-          init: str | None = None) -> dict:
+def train(
+    out: str,
+    config: SFTConfig,
+    model_config: TinyVLMConfig,
+    seed: int,
+    minutes: float,
+    init: str | None = None,
+) -> dict:
     """Train from scratch, or from the checkpoint ``init`` (its model config then wins)."""
     torch.set_num_threads(config.threads)
     if init:
@@ -121,11 +152,15 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny Qwen2.5-VL: {n_params:,} parameters, {model_config.visual_tokens_per_image} visual tokens/image")
+    print(
+        f"tiny Qwen2.5-VL: {n_params:,} parameters, {model_config.visual_tokens_per_image} visual tokens/image"
+    )
 
     def batch(first_index, stage):
         grid, max_objects = stage
-        samples = scene.make_samples("train", first_index, config.images_per_step, grid, max_objects)
+        samples = scene.make_samples(
+            "train", first_index, config.images_per_step, grid, max_objects
+        )
         return training_batch(processor, samples, config.questions_per_image)
 
     def loss(model, batch):
@@ -135,29 +170,55 @@ def train(out: str, config: SFTConfig, model_config: TinyVLMConfig, seed: int, m
         return output.loss, (predicted == batch["labels"][:, -2]).float().mean().item(), 1
 
     curriculum = Curriculum(
-        stages=config.curriculum, batch_size=config.images_per_step, batch=batch, loss=loss,
+        stages=config.curriculum,
+        batch_size=config.images_per_step,
+        batch=batch,
+        loss=loss,
         heldout=lambda model: heldout_accuracy(model, processor, config.eval_samples)["overall"],
         stage_fields=lambda index, stage: {"grid": stage[0], "max_objects": stage[1]},
-        stage_max_steps=lambda stage: config.max_stage_steps, accuracy_name="train_answer_acc")
+        stage_max_steps=lambda stage: config.max_stage_steps,
+        accuracy_name="train_answer_acc",
+    )
     run = train_curriculum(model, optimizer, config, curriculum, seed, minutes)
 
     accuracy = heldout_accuracy(model, processor, config.final_eval_samples)
-    print(f"held-out greedy accuracy on {config.final_eval_samples} samples: {json.dumps(accuracy)}")
-    return save_run(out, lambda d: save_checkpoint(d, model, processor, model_config),
-                    "polish_run.json" if init else "training_run.json", run, model, config, model_config, seed,
-                    accuracy, "images_seen", config.images_per_step, init=init)
+    print(
+        f"held-out greedy accuracy on {config.final_eval_samples} samples: {json.dumps(accuracy)}"
+    )
+    return save_run(
+        out,
+        lambda d: save_checkpoint(d, model, processor, model_config),
+        "polish_run.json" if init else "training_run.json",
+        run,
+        model,
+        config,
+        model_config,
+        seed,
+        accuracy,
+        "images_seen",
+        config.images_per_step,
+        init=init,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, SFTConfig)
-    parser.add_argument("--polish", metavar="DIR", help="continue this checkpoint with POLISH_CONFIG")
+    parser.add_argument(
+        "--polish", metavar="DIR", help="continue this checkpoint with POLISH_CONFIG"
+    )
     args = parser.parse_args(argv)
     if args.polish:
         config = replace(POLISH_CONFIG, threads=args.threads)
         train(args.out, config, TinyVLMConfig(), POLISH_SEED, args.minutes, init=args.polish)
     else:
-        train(args.out, SFTConfig(steps=args.steps, threads=args.threads), TinyVLMConfig(), args.seed, args.minutes)
+        train(
+            args.out,
+            SFTConfig(steps=args.steps, threads=args.threads),
+            TinyVLMConfig(),
+            args.seed,
+            args.minutes,
+        )
 
 
 if __name__ == "__main__":
