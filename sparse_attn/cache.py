@@ -1,5 +1,5 @@
-"""TopPCache: a transformers Cache that holds, per layer, only the top-p tokens (SPEC section 4)
-- or the tokens another rule of TopPPolicy keeps (top_k, threshold, FastV-style layer sharing).
+"""TopPCache: a transformers Cache that holds, per layer, only the top-p tokens
+(docs/design.md#the-cache) - or the tokens another rule of TopPPolicy keeps (top_k, threshold, FastV-style layer sharing).
 
 Life of a layer:
   1. prefill: ``update`` stores the prompt's K/V densely;
@@ -646,7 +646,7 @@ class TopPCache(Cache):
 
     @property
     def token_ratio(self) -> float:
-        """tau (SPEC section 2): ``layer_ratios`` averaged over the layers."""
+        """tau (docs/design.md#token-ratio): ``layer_ratios`` averaged over the layers."""
         ratios = self.layer_ratios
         return sum(ratios) / len(ratios)
 

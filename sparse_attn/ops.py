@@ -1,6 +1,6 @@
 """The five ops, as Python functions over torch.ops.sparse_attn.*, with fake kernels
-(torch.compile) and autograd. Semantics: SPEC section 2; plain-PyTorch equivalents with the same
-signatures live in sparse_attn.reference."""
+(torch.compile) and autograd. Semantics: docs/design.md#the-ops; plain-PyTorch equivalents with
+the same signatures live in sparse_attn.reference."""
 
 from __future__ import annotations
 

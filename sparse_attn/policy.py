@@ -1,5 +1,6 @@
-"""TopPPolicy: what a TopPCache keeps (SPEC section 2 and 4), and the baseline rules it can
-name instead of top-p (the paper's Table 3 ablation: fixed ratio, fixed threshold, FastV)."""
+"""TopPPolicy: what a TopPCache keeps (docs/design.md#top-p-selection, #the-prefill), and the
+baseline rules it can name instead of top-p (the paper's Table 3 ablation: fixed ratio, fixed
+threshold, FastV)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class TopPPolicy:
         and keys; ``shared_from_layer`` layers < K attend densely and later layers use layer K's
         set.
 
-    Every rule ranks the same cumulative attention scores of the probe queries (SPEC section 2)
+    Every rule ranks the same cumulative attention scores of the probe queries (docs/design.md#top-p-selection)
     and goes through the same cache compaction and stats. Within one budget row (a layer, or a
     KV head with granularity="kv_head"):
 

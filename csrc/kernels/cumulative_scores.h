@@ -1,4 +1,4 @@
-// Cumulative attention scores of probe queries (SPEC section 2):
+// Cumulative attention scores of probe queries (docs/design.md#top-p-selection):
 //   a[b, h, j] = sum_{r in group(h)} sum_i softmax_j(scale * q[b, r, i] . k[b, h, j] + mask)
 // Probe i sits at absolute position Lk - Lq + i (bottom-right aligned, as FlashAttention);
 // with causal it sees keys j <= that position. Keys with key_mask == 0 get no mass. A probe

@@ -1,4 +1,4 @@
-// Minimal top-p token set per row (SPEC section 2), without a full sort.
+// Minimal top-p token set per row (docs/design.md#top-p-selection), without a full sort.
 //
 // Over the valid positions of a row (valid_mask, default all):
 //   forced F = first keep_first valid positions, last keep_last valid positions, and every valid

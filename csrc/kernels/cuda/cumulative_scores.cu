@@ -1,4 +1,4 @@
-// CUDA cumulative attention scores (see cumulative_scores.h and SPEC section 2).
+// CUDA cumulative attention scores (see cumulative_scores.h and docs/design.md#top-p-selection).
 //
 // For one (b, h) the probe rows of the g query heads of KV head h form one "group" of
 // gL = g * Lq rows; group row t is probe i = t % Lq of query head h * g + t / Lq, so the q rows
