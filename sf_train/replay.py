@@ -47,6 +47,7 @@ from sparse_attn.attention import (
     sparse_prefill_attention,
 )
 from sparse_attn.cache import PromptSelection
+from sparse_attn.gqa import gqa_fold
 from sparse_attn.handoff import Handoff
 from sparse_attn.reference import cumulative_scores, forced_positions
 from sparse_attn.rules import indices_to_keep_mask
@@ -266,20 +267,14 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
     exp(logit) * keep is exactly 0 but has a gradient in keep."""
     B, Hq, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    g = Hq // Hkv
     work = torch.promote_types(query.dtype, torch.float32)
-    folded = query.reshape(B, Hkv, g * T, D).to(
-        work
-    )  # rows (group member, t), as in _completion_attention
-    logits = scale * folded @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*T, P + T]
-    causal = torch.ones(T, T, dtype=work, device=query.device).tril().repeat(g, 1)
+    causal = torch.ones(T, T, dtype=work, device=query.device).tril()
     weights = torch.cat(
-        [
-            keep.to(work)[:, None, None, :].expand(B, Hkv, g * T, S - T),
-            causal.expand(B, Hkv, g * T, T),
-        ],
+        [keep.to(work)[:, None, None, :].expand(B, Hkv, T, S - T), causal.expand(B, Hkv, T, T)],
         dim=-1,
     )
+    folded, weights = gqa_fold(query, weights)  # rows (group member, t), as in the decode
+    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*T, P + T]
     shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
     # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
     e = torch.exp((logits - shift).clamp(max=30.0)) * weights
@@ -291,7 +286,6 @@ def _completion_attention(query, key, value, P, selection: PromptSelection, scal
     """Completion queries [B, Hq, T, D] over the kept prompt tokens + the completion so far."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
-    g = Hq // Hkv
     counts = selection.counts.to(query.device)
     indices = selection.indices.to(query.device)
     N = indices.shape[1]
@@ -308,8 +302,7 @@ def _completion_attention(query, key, value, P, selection: PromptSelection, scal
         [kept_visible[:, :, None, :].expand(B, Hkv, T, N), causal.expand(B, Hkv, T, T)], dim=-1
     )
     # One attention per KV head with its group's query heads folded into the query axis.
-    folded = query.reshape(B, Hkv, g * T, D)
-    visible = visible.repeat(1, 1, g, 1)
+    folded, visible = gqa_fold(query, visible)
     out = F.scaled_dot_product_attention(
         folded, keys, values, attn_mask=visible, dropout_p=dropout, scale=scale
     )

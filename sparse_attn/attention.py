@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
 from .cache import TopPCache, take_pending_cache
+from .gqa import gqa_fold_visibility
 from .policy import TopPPolicy
 
 ATTENTION_NAME = "sparse_topp"
@@ -279,16 +280,9 @@ def masked_decode_attention(
     row (the T new ones included). Returns [B, Hq, T, D].
     """
     B, Hq, T, D = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
-    g = Hq // Hkv
-    # Fold each GQA group's query heads into the query axis: one attention per KV head, which
-    # reads its keys once (no repeat_kv) and takes that head's own row length.
-    folded = query.reshape(B, Hkv, g * T, D)
-    # Query t sees the slots of its row before index length - (T - 1 - t): causal among the new.
-    ends = lengths[..., None] - (T - 1 - torch.arange(T, device=query.device))  # [B, Hkv, T]
-    visible = torch.arange(S, device=query.device) < ends[..., None]  # [B, Hkv, T, S]
-    if T > 1:
-        visible = visible.repeat(1, 1, g, 1)  # folded rows are (group member, t)
+    # One attention per KV head over its own row length, the group's query heads folded into the
+    # query axis; query t sees the slots before length - (T - 1 - t): causal among the new.
+    folded, visible = gqa_fold_visibility(query, lengths, key.shape[2])
     output = F.scaled_dot_product_attention(
         folded, key, value, attn_mask=visible, dropout_p=dropout, scale=scale
     )

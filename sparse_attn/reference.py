@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .gqa import gqa_fold_visibility
+
 
 def probe_visibility(Lq: int, Lk: int, causal: bool, device=None) -> Tensor:
     """bool [Lq, Lk]: probe i (at position Lk - Lq + i) sees key j."""
@@ -104,25 +106,6 @@ def scatter_kv(k_cache, v_cache, k, v, indices, counts=None):
     for cache, src in ((k_cache, k), (v_cache, v)):
         b, h, t = used.nonzero(as_tuple=True)
         cache[b, h, idx[b, h, t]] = src[b, h, t]
-
-
-def gqa_fold_visibility(query: Tensor, lengths: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    """GQA fold of the new queries and what each sees in a compact cache of ``capacity`` slots.
-
-    query [B, Hq, T, D] -> [B, Hkv, g * T, D] (g = Hq / Hkv; row i * T + t is query head
-    h * g + i at step t: KV head h serves its g query heads without repeat_kv), and
-    visible bool [B, Hkv, g * T, capacity]: row (i, t) sees slot j < lengths[b, h] - (T - 1 - t)
-    (lengths clamped to [0, capacity]).
-    """
-    B, Hq, T, D = query.shape
-    Hkv = lengths.shape[1]
-    g = Hq // Hkv
-    folded = query.reshape(B, Hkv, g * T, D)
-    t = torch.arange(T, device=query.device).repeat(g)  # [g * T]
-    held = lengths.long().clamp(0, capacity)  # a row holds at most `capacity` tokens
-    end = held[:, :, None] - (T - 1 - t)  # [B, Hkv, g * T]
-    visible = torch.arange(capacity, device=query.device) < end[..., None]
-    return folded, visible
 
 
 def decode_attention(query, key, value, lengths, *, scale=None, check_lengths=True) -> Tensor:

@@ -7,15 +7,21 @@ checkpoint directory holds the weights (safetensors), the tokenizer and our conf
 as the VQA world's model (sf_train/worlds/vqa/model.py) does for the VLM.
 """
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchEncoding, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from ..common import EOS, PAD, UNK
+from ..common import (
+    EOS,
+    PAD,
+    UNK,
+    generate_greedy,
+    load_tiny_checkpoint,
+    save_tiny_checkpoint,
+    set_greedy_generation,
+    word_level_tokenizer,
+)
 from . import retrieval
 
 SPECIAL_TOKENS = (PAD, EOS, UNK)
@@ -36,16 +42,8 @@ class TinyLMConfig:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the task's words plus PAD / EOS / UNK; left padding, so the
     prompts of a batch all end where generation starts."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *retrieval.vocabulary()])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()  # "k4?" -> "k4", "?"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=EOS,
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
+    return word_level_tokenizer(
+        SPECIAL_TOKENS, retrieval.vocabulary(), model_input_names=["input_ids", "attention_mask"]
     )
 
 
@@ -70,15 +68,7 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(model_config)
-    model.generation_config.update(
-        eos_token_id=eos,
-        pad_token_id=pad,
-        bos_token_id=None,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    set_greedy_generation(model, eos, pad)
     return model
 
 
@@ -86,21 +76,20 @@ def save_checkpoint(
     directory, model, tokenizer: PreTrainedTokenizerFast, config: TinyLMConfig
 ) -> None:
     """Model weights (safetensors), tokenizer and our config, in one directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / TINY_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    save_tiny_checkpoint(directory, model, tokenizer, config, TINY_CONFIG_FILE)
 
 
 def load_checkpoint(directory, attn_implementation: str = "sdpa", dtype=torch.float32):
     """(model in eval mode, tokenizer, TinyLMConfig) from a directory written by save_checkpoint."""
-    directory = Path(directory)
-    config = TinyLMConfig(**json.loads((directory / TINY_CONFIG_FILE).read_text()))
-    model = Qwen2ForCausalLM.from_pretrained(
-        directory, attn_implementation=attn_implementation, dtype=dtype
+    model, tokenizer, fields = load_tiny_checkpoint(
+        directory,
+        Qwen2ForCausalLM,
+        PreTrainedTokenizerFast,
+        TINY_CONFIG_FILE,
+        attn_implementation,
+        dtype,
     )
-    return model.eval(), PreTrainedTokenizerFast.from_pretrained(directory), config
+    return model, tokenizer, TinyLMConfig(**fields)
 
 
 def encode_prompts(tokenizer, samples) -> BatchEncoding:
@@ -108,11 +97,6 @@ def encode_prompts(tokenizer, samples) -> BatchEncoding:
     return tokenizer([s.prompt for s in samples], padding=True, return_tensors="pt")
 
 
-@torch.no_grad()
 def generate_answer(model, tokenizer, samples, max_new_tokens: int = 4) -> list[str]:
     """Greedy completions (decoded text, special tokens removed) for a batch of retrieval samples."""
-    batch = encode_prompts(tokenizer, samples).to(model.device)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.batch_decode(
-        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
+    return generate_greedy(model, tokenizer, encode_prompts(tokenizer, samples), max_new_tokens)

@@ -13,12 +13,9 @@ and produces the same input_ids, attention_mask, mm_token_type_ids, pixel_values
 image_grid_thw as the real processor would.
 """
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BatchFeature,
     PreTrainedTokenizerFast,
@@ -27,7 +24,16 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ..common import EOS, PAD, UNK
+from ..common import (
+    EOS,
+    PAD,
+    UNK,
+    generate_greedy,
+    load_tiny_checkpoint,
+    save_tiny_checkpoint,
+    set_greedy_generation,
+    word_level_tokenizer,
+)
 from . import scene
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
@@ -70,21 +76,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
     Left padding, so the prompts of a batch all end where generation starts.
     """
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *scene.vocabulary()])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()  # "object?" -> "object", "?"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=EOS,
+    return word_level_tokenizer(
+        SPECIAL_TOKENS,
+        scene.vocabulary(),
         extra_special_tokens={
             "image_token": IMAGE_PAD,
             "video_token": VIDEO_PAD,
             "vision_start_token": VISION_START,
             "vision_end_token": VISION_END,
         },
-        padding_side="left",
     )
 
 
@@ -191,36 +191,27 @@ def build_model(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast, seed:
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(model_config)
-    model.generation_config.update(
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        bos_token_id=None,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    set_greedy_generation(model, ids[EOS], ids[PAD])
     return model
 
 
 def save_checkpoint(directory, model, processor: TinyVLProcessor, config: TinyVLMConfig) -> None:
     """Model weights (safetensors), tokenizer, image processor and our config, in one directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    (directory / TINY_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    save_tiny_checkpoint(directory, model, processor, config, TINY_CONFIG_FILE)
 
 
 def load_checkpoint(directory, attn_implementation: str = "sdpa", dtype=torch.float32):
     """(model in eval mode, processor, TinyVLMConfig) from a directory written by save_checkpoint."""
-    directory = Path(directory)
-    fields = json.loads((directory / TINY_CONFIG_FILE).read_text())
-    config = TinyVLMConfig(**{**fields, "mrope_section": tuple(fields["mrope_section"])})
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        directory, attn_implementation=attn_implementation, dtype=dtype
+    model, processor, fields = load_tiny_checkpoint(
+        directory,
+        Qwen2_5_VLForConditionalGeneration,
+        TinyVLProcessor,
+        TINY_CONFIG_FILE,
+        attn_implementation,
+        dtype,
     )
-    return model.eval(), TinyVLProcessor.from_pretrained(directory), config
+    config = TinyVLMConfig(**{**fields, "mrope_section": tuple(fields["mrope_section"])})
+    return model, processor, config
 
 
 def prompt_text(question: str) -> str:
@@ -242,11 +233,6 @@ def encode_prompts(processor, samples) -> BatchFeature:
     )
 
 
-@torch.no_grad()
 def generate_answer(model, processor, samples, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers (decoded text, special tokens removed) for a batch of task samples."""
-    batch = encode_prompts(processor, samples).to(model.device)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(
-        output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
+    return generate_greedy(model, processor, encode_prompts(processor, samples), max_new_tokens)
