@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .replay import concat_selections
-from .rollout import Rollouts, completion_logp
+from .rollout import Rollouts, completion_distribution, completion_logp
 
 # Model inputs whose first axis is not the batch (Qwen-VL flattens the patches of all images).
 _PATCH_INPUTS = ("pixel_values", "pixel_values_videos")
@@ -85,9 +85,21 @@ def training_batch(
     )
 
 
-def sequence_logp(model, batch: TrainingBatch, temperature: float, suppressed: tuple[int, ...]):
+def sequence_logp(
+    model,
+    batch: TrainingBatch,
+    temperature: float,
+    suppressed: tuple[int, ...],
+    *,
+    distribution: bool = False,
+):
     """(log-probs [N, T] of the completion tokens, entropy [N, T]) from one forward of the
-    [prompt + completion] sequences: the logits at position i predict token i + 1."""
+    [prompt + completion] sequences: the logits at position i predict token i + 1. With
+    ``distribution``, also the whole log-distribution [N, T, V] at each completion position."""
     logits = model(**batch.inputs).logits
     P, T = batch.prompt_length, batch.completions.shape[1]
-    return completion_logp(logits[:, P - 1 : P - 1 + T], batch.completions, temperature, suppressed)
+    logits = logits[:, P - 1 : P - 1 + T]
+    logp, entropy = completion_logp(logits, batch.completions, temperature, suppressed)
+    if not distribution:
+        return logp, entropy
+    return logp, entropy, completion_distribution(logits, temperature, suppressed)

@@ -199,6 +199,12 @@ class SFConfig:
         "takes a straight-through keep mask, so the loss also reaches which "
         "prompt tokens the selection keeps (sf_train/replay.py)",
     )
+    distill_weight: float = _field(
+        0.0,
+        "beyond the paper: + distill_weight * KL(dense reference || policy) over the whole "
+        "vocabulary at every completion position of every rollout, the policy's forward "
+        "replaying the rollout's pruning (sf_train/loss.py distillation_kl); 0 = off",
+    )
     selection_gradient_temperature: float = _field(
         1.0, "temperature of the straight-through keep mask's gradient"
     )
@@ -327,6 +333,8 @@ class SFConfig:
             )
         if not self.soft_tau_weight >= 0:
             raise ValueError(f"SFConfig.soft_tau_weight must be >= 0, got {self.soft_tau_weight}")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"SFConfig.distill_weight must be >= 0, got {self.distill_weight}")
         if not self.soft_tau_temperature > 0:
             raise ValueError(
                 f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}"

@@ -55,13 +55,7 @@ def grpo_loss(
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
         per_token = per_token + beta * kl
 
-    if normalization == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif normalization == "dr_grpo":
-        length = max_completion_length if max_completion_length is not None else logp.shape[1]
-        loss = (per_token * mask).sum() / (logp.shape[0] * length)
-    else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    loss = normalize(per_token, mask, normalization, max_completion_length)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1.0)
@@ -72,3 +66,37 @@ def grpo_loss(
             ratio_mean=float((ratio * mask).sum() / n_tokens),
         )
     return loss, stats
+
+
+def normalize(
+    per_token: Tensor, mask: Tensor, normalization: str, max_completion_length: int | None = None
+) -> Tensor:
+    """A per-token loss [N, T] reduced to a scalar over the completion tokens (mask 1), as
+    grpo_loss's ``normalization`` says."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    mask = mask.to(per_token.dtype)
+    if normalization == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if normalization == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else per_token.shape[1]
+        return (per_token * mask).sum() / (per_token.shape[0] * length)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def distillation_kl(logp_all: Tensor, logp_ref_all: Tensor) -> Tensor:
+    """float [N, T]: KL(reference || policy) over the whole vocabulary at each completion
+    position, from log-distributions [N, T, V] (tokens both exclude are -inf in both and count 0).
+
+    The rollouts' sampled tokens carry one draw of the reference's answer; the whole distribution
+    carries all of it: this term (SFConfig.distill_weight, beyond the paper) teaches the pruned
+    policy the dense reference's next-token distribution from the tokens it keeps
+    (docs/design.md#the-trainer)."""
+    if logp_all.shape != logp_ref_all.shape:
+        raise ValueError(
+            f"logp_all and logp_ref_all must have one shape, got {tuple(logp_all.shape)} and "
+            f"{tuple(logp_ref_all.shape)}"
+        )
+    ref_p = logp_ref_all.exp()
+    gap = torch.where(ref_p > 0, logp_ref_all - logp_all, torch.zeros_like(logp_all))
+    return (ref_p * gap).sum(-1)

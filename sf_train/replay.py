@@ -20,8 +20,9 @@ completion attends to every prompt key with a weight that is the recorded 0/1 ma
 in gradient, a sigmoid of each candidate's probe score (log-space, against the row's lowest kept
 candidate): a straight-through estimator. The forward, and so the log-probs, are unchanged; the
 loss then raises the probe attention of dropped tokens the completion would have used. Under the
-sparse prefill the straight-through mask acts on the completion's attention only: the prompt's
-own attention among T replays the recorded set as a constant.
+sparse prefill the same mask also weights the prompt's own attention among T, on both sides (each
+key's weight, each query's output): the first answer token, which the prompt's last position
+produces inside the prefill, reaches the selection too.
 
 ``replaying(..., probe_scores=n_probe)`` also collects, per layer, the differentiable cumulative
 attention scores of the prompt's last n_probe positions in this forward (what the rollout's
@@ -142,7 +143,16 @@ def replay_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     prompt_mask = None if attention_mask is None else attention_mask[:, :, :P, :P]
     valid = key_validity(prompt_mask)
-    if selection.prefill == "sparse":
+    keep = None
+    if gradient is not None:
+        if dropout:
+            raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
+        keep = _layer_keep(query[:, :, :P], key[:, :, :P], valid, selection, scale, gradient)
+    if selection.prefill == "sparse" and keep is not None:
+        prompt_out = _weighted_prompt_attention(
+            query[:, :, :P], key[:, :, :P], value[:, :, :P], keep, scale
+        )
+    elif selection.prefill == "sparse":
         prompt_out = _sparse_prompt_attention(
             module,
             query[:, :, :P],
@@ -175,14 +185,11 @@ def replay_attention(
         state.scores.append(
             cumulative_scores(probes, key[:, :, :P], scale=scale, key_mask=key_mask).sum(1)
         )
-    if gradient is None:
+    if keep is None:
         completion_out = _completion_attention(
             query[:, :, P:], key, value, P, selection, scale, dropout
         )
     else:
-        if dropout:
-            raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
-        keep = _layer_keep(query[:, :, :P], key[:, :, :P], valid, selection, scale, gradient)
         completion_out = _weighted_completion_attention(query[:, :, P:], key, value, keep, scale)
     return torch.cat([prompt_out, completion_out], dim=1), None
 
@@ -280,6 +287,33 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
     e = torch.exp((logits - shift).clamp(max=30.0)) * weights
     out = (e @ value.to(work)) / e.sum(-1, keepdim=True)
     return out.to(query.dtype).view(B, Hq, T, D).transpose(1, 2)
+
+
+def _weighted_prompt_attention(query, key, value, keep: Tensor, scale) -> Tensor:
+    """The sparse prefill of one layer over the prompt [B, Hq, P, D] with a straight-through
+    keep mask [B, P] on both sides (docs/sparse_prefill.md#replay). In value it is
+    sparse_prefill_attention on the recorded set T: a query in T attends causally to the keys
+    in T, a query outside T gets a zero output. In gradient each key's weight exp(logit) * keep
+    and each query's output * keep carry a gradient in keep: what keeping a dropped key, or
+    attending from a dropped position, would have changed. O(P^2) per head: a training forward."""
+    B, Hq, P, D = query.shape
+    Hkv = key.shape[1]
+    work = torch.promote_types(query.dtype, torch.float32)
+    causal = torch.ones(P, P, dtype=work, device=query.device).tril()
+    weights = keep.to(work)[:, None, None, :] * causal  # [B, 1, P, P]: key j <= query i, kept
+    folded, weights = gqa_fold(query, weights.expand(B, Hkv, P, P))
+    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*P, P]
+    shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
+    # A row that sees no kept key (a dropped position before every kept one) has no output to
+    # weigh: 0, with no gradient.
+    sees_a_key = torch.isfinite(shift)
+    shift = torch.where(sees_a_key, shift, 0.0)
+    # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
+    e = torch.exp((logits - shift).clamp(max=30.0)) * weights
+    total = torch.where(sees_a_key, e.sum(-1, keepdim=True), 1.0)
+    out = torch.where(sees_a_key, e @ value.to(work) / total, 0.0)
+    out = out.view(B, Hq, P, D) * keep.to(work)[:, None, :, None]  # zero outside T, in value
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def _completion_attention(query, key, value, P, selection: PromptSelection, scale, dropout):

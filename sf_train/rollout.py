@@ -35,15 +35,23 @@ def completion_mask(completions: Tensor, eos_token_id: int) -> Tensor:
     return (~after_eos).float()
 
 
+def completion_distribution(
+    logits: Tensor, temperature: float, suppressed: tuple[int, ...] = ()
+) -> Tensor:
+    """float [..., V]: log softmax(logits / temperature) with the ``suppressed`` token ids
+    excluded (-inf) - the distribution rollouts sample from."""
+    logits = logits.float() / temperature
+    if suppressed:
+        logits[..., list(suppressed)] = float("-inf")
+    return F.log_softmax(logits, dim=-1)
+
+
 def completion_logp(
     logits: Tensor, tokens: Tensor, temperature: float, suppressed: tuple[int, ...] = ()
 ):
     """(log pi(token), entropy) under the sampling distribution softmax(logits / temperature)
     with the ``suppressed`` token ids excluded - the distribution rollouts sample from."""
-    logits = logits.float() / temperature
-    if suppressed:
-        logits[..., list(suppressed)] = float("-inf")
-    logp_all = F.log_softmax(logits, dim=-1)
+    logp_all = completion_distribution(logits, temperature, suppressed)
     entropy = -(logp_all.exp() * torch.where(torch.isinf(logp_all), 0.0, logp_all)).sum(-1)
     return logp_all.gather(-1, tokens[..., None]).squeeze(-1), entropy
 

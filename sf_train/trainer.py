@@ -30,7 +30,7 @@ from . import scale
 from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
 from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
-from .loss import grpo_loss
+from .loss import distillation_kl, grpo_loss, normalize
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
 from .rollout import Rollouts, rollout
@@ -121,22 +121,33 @@ class SparsityForcingTrainer:
         """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
         return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
 
-    def reference_logp(self, batch: TrainingBatch) -> Tensor:
-        """Log-probs of the completions under the frozen reference (dense attention, no grad)."""
+    def reference_logp(self, batch: TrainingBatch, distribution: bool = False):
+        """Log-probs of the completions under the frozen reference (dense attention, no grad);
+        with ``distribution``, (log-probs, the whole log-distribution [N, T, V])."""
         cfg, task = self.config, self.task
         with torch.no_grad():
             if self.peft_model is None:
-                return sequence_logp(
-                    self.reference, batch, cfg.temperature, task.suppressed_token_ids
-                )[0]
-            self.policy.eval()
-            try:
-                with scale.adapters_disabled(self.peft_model):
-                    return sequence_logp(
-                        self.policy, batch, cfg.temperature, task.suppressed_token_ids
-                    )[0]
-            finally:
-                self.policy.train()
+                out = sequence_logp(
+                    self.reference,
+                    batch,
+                    cfg.temperature,
+                    task.suppressed_token_ids,
+                    distribution=distribution,
+                )
+            else:
+                self.policy.eval()
+                try:
+                    with scale.adapters_disabled(self.peft_model):
+                        out = sequence_logp(
+                            self.policy,
+                            batch,
+                            cfg.temperature,
+                            task.suppressed_token_ids,
+                            distribution=distribution,
+                        )
+                finally:
+                    self.policy.train()
+        return (out[0], out[2]) if distribution else out[0]
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -217,7 +228,10 @@ class SparsityForcingTrainer:
         advantages, zero_variance = group_advantages(rewards, eps=cfg.advantage_eps)
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
-        logp_ref = self.reference_logp(batch)
+        distill = cfg.distill_weight > 0
+        logp_ref = self.reference_logp(batch, distribution=distill)
+        if distill:
+            logp_ref, logp_ref_all = logp_ref
         # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
         replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
         for _ in range(cfg.inner_epochs):
@@ -227,8 +241,12 @@ class SparsityForcingTrainer:
                 cfg.replay_gradient(),
                 probe_scores=replay_scores,
             ) as replay:
-                logp, entropy = sequence_logp(
-                    self.trained, batch, cfg.temperature, task.suppressed_token_ids
+                logp, entropy, *logp_all = sequence_logp(
+                    self.trained,
+                    batch,
+                    cfg.temperature,
+                    task.suppressed_token_ids,
+                    distribution=distill,
                 )
             loss, stats = grpo_loss(
                 logp,
@@ -242,6 +260,14 @@ class SparsityForcingTrainer:
                 normalization=cfg.normalization,
                 max_completion_length=cfg.max_new_tokens,
             )
+            if distill:  # the dense reference's whole next-token distribution, every rollout
+                distill_kl = normalize(
+                    distillation_kl(logp_all[0], logp_ref_all),
+                    batch.mask,
+                    cfg.normalization,
+                    cfg.max_new_tokens,
+                )
+                loss = loss + cfg.distill_weight * distill_kl
             if (
                 cfg.soft_tau_weight
             ):  # the efficiency reward's pathwise gradient, gated like the reward
@@ -278,6 +304,7 @@ class SparsityForcingTrainer:
             **(
                 {"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}
             ),
+            **({"distill_kl": float(distill_kl.detach())} if distill else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }
         for g, group in enumerate(groups):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sf_train.config import SFConfig
-from sf_train.loss import grpo_loss
+from sf_train.loss import distillation_kl, grpo_loss, normalize
 from sf_train.rewards import efficiency_gate, group_advantages, joint_rewards
 
 
@@ -166,3 +166,48 @@ def test_lr_schedules():
         SFConfig(min_lr_ratio=1.5)
     with pytest.raises(ValueError, match="warmup_steps"):
         SFConfig(warmup_steps=-1)
+
+
+def test_distillation_kl_is_the_kl_of_the_reference_to_the_policy():
+    g = torch.Generator().manual_seed(0)
+    N, T, V = 3, 4, 7
+    logits, ref_logits = torch.randn(N, T, V, generator=g), torch.randn(N, T, V, generator=g)
+    logits[..., 2] = ref_logits[..., 2] = float("-inf")  # a suppressed token: both exclude it
+    logp_all, ref_all = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    got = distillation_kl(logp_all, ref_all)
+    for n in range(N):
+        for t in range(T):
+            p = ref_all[n, t].exp()
+            expected = sum(
+                float(p[v] * (ref_all[n, t, v] - logp_all[n, t, v])) for v in range(V) if v != 2
+            )
+            assert float(got[n, t]) == pytest.approx(expected, rel=1e-5)
+    assert (got >= -1e-6).all()
+    torch.testing.assert_close(distillation_kl(ref_all, ref_all), torch.zeros(N, T))
+    with pytest.raises(ValueError, match="one shape"):
+        distillation_kl(logp_all, ref_all[:, :2])
+
+
+def test_distillation_kl_gradient_is_policy_minus_reference():
+    """d KL(ref || softmax(z)) / dz = softmax(z) - ref: the policy is pulled to the reference."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).log_softmax(-1)
+    distillation_kl(z.log_softmax(-1), ref).sum().backward()
+    torch.testing.assert_close(z.grad, z.detach().softmax(-1) - ref.exp())
+
+
+@pytest.mark.parametrize("normalization", ["grpo", "dapo", "dr_grpo"])
+def test_normalize_is_the_loss_normalization(normalization):
+    g = torch.Generator().manual_seed(2)
+    per_token = torch.randn(4, 6, generator=g)
+    mask = (torch.arange(6)[None] < torch.tensor([[6], [3], [1], [5]])).float()
+    if normalization == "grpo":
+        want = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+    elif normalization == "dapo":
+        want = (per_token * mask).sum() / mask.sum()
+    else:
+        want = (per_token * mask).sum() / (4 * 8)
+    torch.testing.assert_close(normalize(per_token, mask, normalization, 8), want)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalize(per_token, mask, "mean")

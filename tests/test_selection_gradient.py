@@ -15,7 +15,9 @@ from sf_train.replay import (
     LayerSelection,
     SelectionGradient,
     _completion_attention,
+    _sparse_prompt_attention,
     _weighted_completion_attention,
+    _weighted_prompt_attention,
     straight_through_keep,
 )
 from sparse_attn.rules import indices_to_keep_mask
@@ -116,6 +118,102 @@ def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
         fd = (loss(bumped) - loss(keep.detach())) / eps
         assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (b, j)
     assert (grad[keep.detach() == 0] != 0).any(), "dropped keys get a gradient"
+
+
+def padded_selection(gen, B, P, valid, max_keep):
+    """Ascending kept positions among each row's valid ones, the row's last position always kept."""
+    indices = torch.full((B, max_keep), -1, dtype=torch.int32)
+    counts = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        positions = torch.nonzero(valid[b]).flatten()
+        n = int(torch.randint(1, min(max_keep, len(positions)) + 1, (1,), generator=gen))
+        chosen = positions[torch.randperm(len(positions), generator=gen)[:n]]
+        chosen = torch.unique(torch.cat([chosen, positions[-1:]]))[:max_keep]
+        if positions[-1] not in chosen:
+            chosen[-1] = positions[-1]
+        indices[b, : len(chosen)] = chosen.to(torch.int32)
+        counts[b] = len(chosen)
+    return LayerSelection(indices, counts, "sparse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (3, 3), (7, 1)])
+def test_weighted_prompt_attention_equals_the_sparse_prefill(gen, dtype, Hq, Hkv):
+    """In value, the straight-through prompt attention is the sparse prefill on the recorded set:
+    causal among T, zero outside it (left padding, GQA, a dropped key scoring far above)."""
+    B, P, D = 3, 21, 16
+    q = torch.randn(B, Hq, P, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, P, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, P, D, generator=gen).to(dtype)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[1, :6] = False
+    valid[2, :1] = False
+    selection = padded_selection(gen, B, P, valid, 13)
+    keep = indices_to_keep_mask(selection.indices, P) & valid
+    k[0, :, int(torch.nonzero(~keep[0])[0])] *= 40
+    mask = valid[:, None, None, :] & torch.ones(P, P, dtype=torch.bool).tril()
+    sparse = _sparse_prompt_attention(
+        None, q.float(), k.float(), v.float(), mask, valid, selection, D**-0.5, 0.0
+    )
+    weighted = _weighted_prompt_attention(q, k, v, keep.float(), D**-0.5)
+    assert weighted.dtype == dtype and weighted.shape == (B, P, Hq, D)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weighted.float(), sparse, **tol)
+    assert (weighted[~keep] == 0).all(), "a position outside T gets a zero output"
+
+
+def test_weighted_prompt_attention_gradient_in_keep_matches_finite_differences(gen):
+    B, Hq, Hkv, P, D = 2, 4, 2, 15, 8
+    q = torch.randn(B, Hq, P, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, P, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    valid = torch.ones(B, P, dtype=torch.bool)
+    selection = padded_selection(gen, B, P, valid, 7)
+    keep = indices_to_keep_mask(selection.indices, P)
+    keep[:, 0] = True  # the first token (keep_first): every position sees a kept key
+    keep = keep.double().requires_grad_(True)
+    w = torch.randn(B, P, Hq, D, generator=gen, dtype=torch.float64)
+    loss = lambda m: (_weighted_prompt_attention(q, k, v, m, 0.3) * w).sum()
+    (grad,) = torch.autograd.grad(loss(keep), keep)
+    dropped = torch.nonzero(keep[0] == 0).flatten()
+    eps = 1e-6
+    for b, j in [(0, int(dropped[0])), (0, int(dropped[-1])), (1, int(selection.indices[1, 0]))]:
+        bumped = keep.detach().clone()
+        bumped[b, j] += eps
+        fd = (loss(bumped) - loss(keep.detach())) / eps
+        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (b, j)
+    assert (grad[keep.detach() == 0] != 0).any(), "dropped positions get a gradient"
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_first_answer_token_reaches_the_selection_only_under_the_sparse_prefill(prefill):
+    """The first completion token comes out of the prefill: under prefill="sparse" it read only
+    the kept tokens, so the straight-through mask gives its log-prob a gradient in the probes'
+    attention; under "dense" it read every token, and the mask changes no gradient of it."""
+    from sf_train.rollout import rollout
+    from sparse_attn.attention import enable
+    from sparse_attn.policy import TopPPolicy
+
+    model, inputs = tiny_qwen2(), left_padded_prompts([40, 27, 33])
+    enable(model)
+    policy = TopPPolicy(p=0.6, n_probe=8, keep_first=1, keep_last=2, prefill=prefill)
+    group = rollout(
+        model, inputs, policy, max_new_tokens=1, eos_token_id=1, pad_token_id=0, temperature=1.0
+    )
+    assert float(group.token_ratio.max()) < 0.9
+    grads = {}
+    for name, gradient in (("off", None), ("on", SelectionGradient(8, 1, 2))):
+        model.zero_grad()
+        logp, logp_old, mask = replayed_logp(
+            model, inputs, [group], 1.0, gradient=gradient, no_grad=False
+        )
+        torch.testing.assert_close(logp[:, 0], logp_old[:, 0], rtol=0, atol=2e-5)
+        logp[:, 0].sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    name_q = "model.layers.1.self_attn.q_proj.weight"
+    if prefill == "sparse":
+        assert not torch.allclose(grads["on"][name_q], grads["off"][name_q])
+    else:
+        torch.testing.assert_close(grads["on"][name_q], grads["off"][name_q])
 
 
 def test_replay_with_selection_gradient_reproduces_rollout_logprobs():

@@ -93,6 +93,37 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
+def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_path):
+    """With no reward signal (every rollout correct, no efficiency reward: all advantages 0) and
+    beta = 0, only the distillation term moves the weights; a policy that starts away from the
+    reference is pulled back towards it."""
+    always_right = replace(toy_task(), is_correct=lambda prompt, completion, answer: 1)
+    kls = {}
+    for w in (0.0, 2.0):
+        torch.manual_seed(0)
+        policy = toy_model()
+        with torch.no_grad():  # start the policy away from the reference
+            policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+        start = policy.lm_head.weight.detach().clone()
+        config = make_config(
+            tmp_path / str(w), steps=4, distill_weight=w, beta=0.0, efficiency_weight=0.0
+        )
+        trainer = SparsityForcingTrainer(config, policy, toy_model(), always_right)
+        history = trainer.train(progress=False)
+        if w:
+            kls[w] = [m["distill_kl"] for m in history]
+            assert all(math.isfinite(k) and k >= 0 for k in kls[w])
+        else:
+            assert "distill_kl" not in history[0]
+            assert torch.equal(trainer.policy.lm_head.weight.detach(), start)
+    assert kls[2.0][-1] < kls[2.0][0], kls
+
+
+def test_distill_weight_is_checked():
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        SFConfig(distill_weight=-1.0)
+
+
 def test_resume_continues_exactly(tmp_path):
     torch.manual_seed(0)
     uninterrupted = new_trainer(make_config(tmp_path / "a")).train(progress=False)
