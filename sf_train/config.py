@@ -205,6 +205,11 @@ class SFConfig:
         "vocabulary at every completion position of every rollout, the policy's forward "
         "replaying the rollout's pruning (sf_train/loss.py distillation_kl); 0 = off",
     )
+    distill_dense: bool = _field(
+        False,
+        "with distill_weight: also + distill_weight * the same KL for the dense policy "
+        "(every token kept) on the completions of the grid's top p",
+    )
     selection_gradient_temperature: float = _field(
         1.0, "temperature of the straight-through keep mask's gradient"
     )
@@ -335,6 +340,8 @@ class SFConfig:
             raise ValueError(f"SFConfig.soft_tau_weight must be >= 0, got {self.soft_tau_weight}")
         if not self.distill_weight >= 0:
             raise ValueError(f"SFConfig.distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_dense and not self.distill_weight > 0:
+            raise ValueError("SFConfig.distill_dense needs distill_weight > 0")
         if not self.soft_tau_temperature > 0:
             raise ValueError(
                 f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}"

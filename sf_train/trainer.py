@@ -149,6 +149,25 @@ class SparsityForcingTrainer:
                     self.policy.train()
         return (out[0], out[2]) if distribution else out[0]
 
+    def dense_distillation(self, inputs: dict, group: Rollouts, advantages: Tensor) -> Tensor:
+        """KL(dense reference || dense policy) over the vocabulary at the completion positions of
+        one rollout group (the grid's top p), the policy's forward keeping every token: the
+        pruned rollouts train the model on inputs where dropped positions got no attention
+        output, and this term keeps what the model does when nothing is dropped."""
+        cfg, task = self.config, self.task
+        batch = training_batch(inputs, [group], advantages[:, -1:], task.pad_token_id)
+        _, logp_ref_all = self.reference_logp(batch, distribution=True)
+        # outside a replaying block the replay attention is the dense SDPA
+        _, _, logp_all = sequence_logp(
+            self.trained, batch, cfg.temperature, task.suppressed_token_ids, distribution=True
+        )
+        return normalize(
+            distillation_kl(logp_all, logp_ref_all),
+            batch.mask,
+            cfg.normalization,
+            cfg.max_new_tokens,
+        )
+
     # --- one step ------------------------------------------------------------------------------
 
     def rollouts(self, inputs) -> list[Rollouts]:
@@ -268,6 +287,9 @@ class SparsityForcingTrainer:
                     cfg.max_new_tokens,
                 )
                 loss = loss + cfg.distill_weight * distill_kl
+            if cfg.distill_dense:  # and of the dense policy (every token kept), top p's completions
+                dense_kl = self.dense_distillation(inputs, groups[-1], advantages)
+                loss = loss + cfg.distill_weight * dense_kl
             if (
                 cfg.soft_tau_weight
             ):  # the efficiency reward's pathwise gradient, gated like the reward
@@ -305,6 +327,7 @@ class SparsityForcingTrainer:
                 {"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}
             ),
             **({"distill_kl": float(distill_kl.detach())} if distill else {}),
+            **({"distill_dense_kl": float(dense_kl.detach())} if cfg.distill_dense else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }
         for g, group in enumerate(groups):

@@ -93,7 +93,8 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
-def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_path):
+@pytest.mark.parametrize("dense", [False, True])
+def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_path, dense):
     """With no reward signal (every rollout correct, no efficiency reward: all advantages 0) and
     beta = 0, only the distillation term moves the weights; a policy that starts away from the
     reference is pulled back towards it."""
@@ -106,13 +107,24 @@ def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_p
             policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
         start = policy.lm_head.weight.detach().clone()
         config = make_config(
-            tmp_path / str(w), steps=4, distill_weight=w, beta=0.0, efficiency_weight=0.0
+            tmp_path / str(w),
+            steps=4,
+            distill_weight=w,
+            distill_dense=dense and w > 0,
+            beta=0.0,
+            efficiency_weight=0.0,
         )
         trainer = SparsityForcingTrainer(config, policy, toy_model(), always_right)
         history = trainer.train(progress=False)
         if w:
             kls[w] = [m["distill_kl"] for m in history]
             assert all(math.isfinite(k) and k >= 0 for k in kls[w])
+            if dense:
+                dense_kls = [m["distill_dense_kl"] for m in history]
+                assert all(math.isfinite(k) and k >= 0 for k in dense_kls)
+                assert dense_kls[-1] < dense_kls[0], dense_kls
+            else:
+                assert "distill_dense_kl" not in history[0]
         else:
             assert "distill_kl" not in history[0]
             assert torch.equal(trainer.policy.lm_head.weight.detach(), start)
@@ -122,6 +134,8 @@ def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_p
 def test_distill_weight_is_checked():
     with pytest.raises(ValueError, match="distill_weight must be >= 0"):
         SFConfig(distill_weight=-1.0)
+    with pytest.raises(ValueError, match="distill_dense needs distill_weight > 0"):
+        SFConfig(distill_dense=True)
 
 
 def test_resume_continues_exactly(tmp_path):
