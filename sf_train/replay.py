@@ -281,12 +281,22 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
         dim=-1,
     )
     folded, weights = gqa_fold(query, weights)  # rows (group member, t), as in the decode
-    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*T, P + T]
+    out = _weighted_softmax(folded, key, value, weights, scale, work)  # [B, Hkv, g*T, D]
+    return out.to(query.dtype).view(B, Hq, T, D).transpose(1, 2)
+
+
+def _weighted_softmax(folded, key, value, weights: Tensor, scale, work) -> Tensor:
+    """sum_j w_j exp(l_j) v_j / sum_j w_j exp(l_j) per row, in ``work`` precision: the softmax
+    over the keys with weight 1 in value, and a gradient in every weight, including a 0 one. A
+    row with no nonzero weight has no output to weigh: 0, with no gradient."""
+    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)
     shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
+    sees_a_key = torch.isfinite(shift)
+    shift = torch.where(sees_a_key, shift, 0.0)
     # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
     e = torch.exp((logits - shift).clamp(max=30.0)) * weights
-    out = (e @ value.to(work)) / e.sum(-1, keepdim=True)
-    return out.to(query.dtype).view(B, Hq, T, D).transpose(1, 2)
+    total = torch.where(sees_a_key, e.sum(-1, keepdim=True), 1.0)
+    return torch.where(sees_a_key, e @ value.to(work) / total, 0.0)
 
 
 def _weighted_prompt_attention(query, key, value, keep: Tensor, scale) -> Tensor:
@@ -302,16 +312,8 @@ def _weighted_prompt_attention(query, key, value, keep: Tensor, scale) -> Tensor
     causal = torch.ones(P, P, dtype=work, device=query.device).tril()
     weights = keep.to(work)[:, None, None, :] * causal  # [B, 1, P, P]: key j <= query i, kept
     folded, weights = gqa_fold(query, weights.expand(B, Hkv, P, P))
-    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)  # [B, Hkv, g*P, P]
-    shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
-    # A row that sees no kept key (a dropped position before every kept one) has no output to
-    # weigh: 0, with no gradient.
-    sees_a_key = torch.isfinite(shift)
-    shift = torch.where(sees_a_key, shift, 0.0)
-    # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
-    e = torch.exp((logits - shift).clamp(max=30.0)) * weights
-    total = torch.where(sees_a_key, e.sum(-1, keepdim=True), 1.0)
-    out = torch.where(sees_a_key, e @ value.to(work) / total, 0.0)
+    # a dropped position before every kept one sees no kept key: output 0
+    out = _weighted_softmax(folded, key, value, weights, scale, work)  # [B, Hkv, g*P, D]
     out = out.view(B, Hq, P, D) * keep.to(work)[:, None, :, None]  # zero outside T, in value
     return out.to(query.dtype).transpose(1, 2)
 

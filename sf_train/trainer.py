@@ -20,6 +20,7 @@ import pickle
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,42 +122,46 @@ class SparsityForcingTrainer:
         """A sharded policy's full weights (a collective: every rank calls it); None otherwise."""
         return scale.model_state(self.policy, trainable_only=False) if self.sharded else None
 
+    @contextmanager
+    def _reference_model(self):
+        """The frozen dense reference: the reference copy, or (LoRA) the policy with its adapters
+        disabled, in eval mode for the block."""
+        if self.peft_model is None:
+            yield self.reference
+            return
+        self.policy.eval()
+        try:
+            with scale.adapters_disabled(self.peft_model):
+                yield self.policy
+        finally:
+            self.policy.train()
+
     def reference_logp(self, batch: TrainingBatch, distribution: bool = False):
         """Log-probs of the completions under the frozen reference (dense attention, no grad);
         with ``distribution``, (log-probs, the whole log-distribution [N, T, V])."""
         cfg, task = self.config, self.task
-        with torch.no_grad():
-            if self.peft_model is None:
-                out = sequence_logp(
-                    self.reference,
-                    batch,
-                    cfg.temperature,
-                    task.suppressed_token_ids,
-                    distribution=distribution,
-                )
-            else:
-                self.policy.eval()
-                try:
-                    with scale.adapters_disabled(self.peft_model):
-                        out = sequence_logp(
-                            self.policy,
-                            batch,
-                            cfg.temperature,
-                            task.suppressed_token_ids,
-                            distribution=distribution,
-                        )
-                finally:
-                    self.policy.train()
+        with torch.no_grad(), self._reference_model() as reference:
+            out = sequence_logp(
+                reference,
+                batch,
+                cfg.temperature,
+                task.suppressed_token_ids,
+                distribution=distribution,
+            )
         return (out[0], out[2]) if distribution else out[0]
 
-    def dense_distillation(self, inputs: dict, group: Rollouts, advantages: Tensor) -> Tensor:
+    def dense_distillation_target(self, inputs: dict, group: Rollouts, advantages: Tensor):
+        """(the batch of one rollout group's sequences - the grid's top p -, the reference's
+        log-distribution over it) for dense_distillation: computed once a step."""
+        batch = training_batch(inputs, [group], advantages[:, -1:], self.task.pad_token_id)
+        return batch, self.reference_logp(batch, distribution=True)[1]
+
+    def dense_distillation(self, batch: TrainingBatch, logp_ref_all: Tensor) -> Tensor:
         """KL(dense reference || dense policy) over the vocabulary at the completion positions of
-        one rollout group (the grid's top p), the policy's forward keeping every token: the
-        pruned rollouts train the model on inputs where dropped positions got no attention
-        output, and this term keeps what the model does when nothing is dropped."""
+        ``batch``, the policy's forward keeping every token: the pruned rollouts train the model
+        on inputs where dropped positions got no attention output, and this term keeps what the
+        model does when nothing is dropped."""
         cfg, task = self.config, self.task
-        batch = training_batch(inputs, [group], advantages[:, -1:], task.pad_token_id)
-        _, logp_ref_all = self.reference_logp(batch, distribution=True)
         # outside a replaying block the replay attention is the dense SDPA
         _, _, logp_all = sequence_logp(
             self.trained, batch, cfg.temperature, task.suppressed_token_ids, distribution=True
@@ -251,6 +256,8 @@ class SparsityForcingTrainer:
         logp_ref = self.reference_logp(batch, distribution=distill)
         if distill:
             logp_ref, logp_ref_all = logp_ref
+        if cfg.distill_dense:  # the reference side once; the policy side in every inner epoch
+            dense_target = self.dense_distillation_target(inputs, groups[-1], advantages)
         # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
         replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
         for _ in range(cfg.inner_epochs):
@@ -288,7 +295,7 @@ class SparsityForcingTrainer:
                 )
                 loss = loss + cfg.distill_weight * distill_kl
             if cfg.distill_dense:  # and of the dense policy (every token kept), top p's completions
-                dense_kl = self.dense_distillation(inputs, groups[-1], advantages)
+                dense_kl = self.dense_distillation(*dense_target)
                 loss = loss + cfg.distill_weight * dense_kl
             if (
                 cfg.soft_tau_weight

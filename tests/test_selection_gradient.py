@@ -184,11 +184,8 @@ def test_weighted_prompt_attention_gradient_in_keep_matches_finite_differences(g
     assert (grad[keep.detach() == 0] != 0).any(), "dropped positions get a gradient"
 
 
-@pytest.mark.parametrize("prefill", ["sparse", "dense"])
-def test_first_answer_token_reaches_the_selection_only_under_the_sparse_prefill(prefill):
-    """The first completion token comes out of the prefill: under prefill="sparse" it read only
-    the kept tokens, so the straight-through mask gives its log-prob a gradient in the probes'
-    attention; under "dense" it read every token, and the mask changes no gradient of it."""
+def pruned_rollout(max_new_tokens, prefill="sparse"):
+    """(tiny Qwen2, its prompts, one rollout group at p = 0.6 that really prunes)."""
     from sf_train.rollout import rollout
     from sparse_attn.attention import enable
     from sparse_attn.policy import TopPPolicy
@@ -197,9 +194,24 @@ def test_first_answer_token_reaches_the_selection_only_under_the_sparse_prefill(
     enable(model)
     policy = TopPPolicy(p=0.6, n_probe=8, keep_first=1, keep_last=2, prefill=prefill)
     group = rollout(
-        model, inputs, policy, max_new_tokens=1, eos_token_id=1, pad_token_id=0, temperature=1.0
+        model,
+        inputs,
+        policy,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=1,
+        pad_token_id=0,
+        temperature=1.0,
     )
     assert float(group.token_ratio.max()) < 0.9
+    return model, inputs, group
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_first_answer_token_reaches_the_selection_only_under_the_sparse_prefill(prefill):
+    """The first completion token comes out of the prefill: under prefill="sparse" it read only
+    the kept tokens, so the straight-through mask gives its log-prob a gradient in the probes'
+    attention; under "dense" it read every token, and the mask changes no gradient of it."""
+    model, inputs, group = pruned_rollout(1, prefill)
     grads = {}
     for name, gradient in (("off", None), ("on", SelectionGradient(8, 1, 2))):
         model.zero_grad()
@@ -234,17 +246,7 @@ def test_replay_with_selection_gradient_reproduces_rollout_logprobs():
 def test_selection_gradient_reaches_the_probe_attention():
     """The completion log-probs' gradient in the weights changes with the straight-through mask
     (through the probes' queries and keys), not in the output head, whose inputs are unchanged."""
-    from sf_train.rollout import rollout
-    from sparse_attn.attention import enable
-    from sparse_attn.policy import TopPPolicy
-
-    model, inputs = tiny_qwen2(), left_padded_prompts([40, 27, 33])
-    enable(model)
-    policy = TopPPolicy(p=0.6, n_probe=8, keep_first=1, keep_last=2)
-    group = rollout(
-        model, inputs, policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, temperature=1.0
-    )
-    assert float(group.token_ratio.max()) < 0.9
+    model, inputs, group = pruned_rollout(4)
     grads = {}
     for name, gradient in (("off", None), ("on", SelectionGradient(8, 1, 2))):
         model.zero_grad()
