@@ -35,6 +35,7 @@ from .loss import distillation_kl, grpo_loss, normalize
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
 from .rollout import Rollouts, rollout
+from .shared_vision import share_image_features
 from .soft_token_ratio import probe_scores, soft_token_ratio
 from .tasks import TrainingTask
 
@@ -86,6 +87,10 @@ class SparsityForcingTrainer:
                 )
             self.reference = reference_model.to(self.device).eval().requires_grad_(False)
             scale.freeze_to_dtype(self.reference, config)
+        # Each image once per call, and once per step in the rollouts (sf_train/shared_vision.py).
+        for model in (self.policy, self.reference):
+            if model is not None:
+                share_image_features(model, reuse=not config.lora_rank)
         if (
             config.gradient_checkpointing
         ):  # non-reentrant: works with frozen inputs (LoRA) and FSDP2
