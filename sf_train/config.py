@@ -193,6 +193,12 @@ class SFConfig:
         "leaves out (sf_train/soft_token_ratio.py); 0 = off",
     )
     soft_tau_temperature: float = _field(0.01, "smoothing temperature of the soft token ratio")
+    soft_tau_target: float = _field(
+        0.0,
+        "with soft_tau_weight: the pathwise term pushes only a prompt whose smoothed tau is above "
+        "this (soft_tau_weight * C * max(0, tau - target)), so below it the other terms act "
+        "alone; 0 = push always",
+    )
     selection_gradient: bool = _field(
         False,
         "beyond the paper: the training forward's completion attention "
@@ -342,6 +348,10 @@ class SFConfig:
             raise ValueError(f"SFConfig.distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_dense and not self.distill_weight > 0:
             raise ValueError("SFConfig.distill_dense needs distill_weight > 0")
+        if not 0.0 <= self.soft_tau_target < 1.0:
+            raise ValueError(
+                f"SFConfig.soft_tau_target must be in [0, 1), got {self.soft_tau_target}"
+            )
         if not self.soft_tau_temperature > 0:
             raise ValueError(
                 f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}"

@@ -307,7 +307,8 @@ class SparsityForcingTrainer:
             ):  # the efficiency reward's pathwise gradient, gated like the reward
                 gate = efficiency_gate(correct, cfg.efficiency_gate).mean(1).to(self.device)
                 soft_tau = self.soft_tau(inputs, replay.scores if replay_scores else None)
-                loss = loss + cfg.soft_tau_weight * (gate * soft_tau).mean()
+                excess = (soft_tau - cfg.soft_tau_target).clamp_min(0.0)
+                loss = loss + cfg.soft_tau_weight * (gate * excess).mean()
             self.optimizer.zero_grad(set_to_none=True)
             # Under gradient checkpointing the layers recompute their forward during backward: it
             # must replay the same selections (docs/scale.md#gradient-checkpointing).

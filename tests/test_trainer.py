@@ -93,6 +93,34 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
+def test_soft_tau_target_stops_the_push_below_it(tmp_path):
+    """The same setting: only the soft term moves the weights. A target above every prompt's
+    smoothed tau leaves them where they started; a target of 0 is the plain term."""
+    always_right = replace(toy_task(), is_correct=lambda prompt, completion, answer: 1)
+    weights, taus = {}, {}
+    for target in (0.0, 0.999):
+        torch.manual_seed(0)
+        config = make_config(
+            tmp_path / str(target),
+            steps=2,
+            soft_tau_weight=5.0,
+            soft_tau_target=target,
+            beta=0.0,
+            efficiency_weight=0.0,
+        )
+        trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), always_right)
+        taus[target] = [m["soft_token_ratio"] for m in trainer.train(progress=False)]
+        weights[target] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+    assert max(taus[0.999]) < 0.999
+    start = torch.cat([p.detach().flatten() for p in toy_model().parameters()])
+    assert torch.equal(weights[0.999], start)
+    assert not torch.allclose(weights[0.0], start)
+    with pytest.raises(ValueError, match="soft_tau_target"):
+        SFConfig(soft_tau_target=1.0)
+    with pytest.raises(ValueError, match="soft_tau_target"):
+        SFConfig(soft_tau_target=-0.1)
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_distillation_term_is_logged_and_pulls_the_policy_to_the_reference(tmp_path, dense):
     """With no reward signal (every rollout correct, no efficiency reward: all advantages 0) and
