@@ -211,6 +211,12 @@ class SFConfig:
         "vocabulary at every completion position of every rollout, the policy's forward "
         "replaying the rollout's pruning (sf_train/loss.py distillation_kl); 0 = off",
     )
+    leak_weight: float = _field(
+        0.0,
+        "beyond the paper: + leak_weight * the dense attention mass the prompt's last position "
+        "(it produces the first generated token) puts on the tokens each layer dropped, mean over "
+        "layers and rollouts (sf_train/replay.py leaked_answer_mass); 0 = off",
+    )
     distill_dense: bool = _field(
         False,
         "with distill_weight: also + distill_weight * the same KL for the dense policy "
@@ -344,6 +350,8 @@ class SFConfig:
             )
         if not self.soft_tau_weight >= 0:
             raise ValueError(f"SFConfig.soft_tau_weight must be >= 0, got {self.soft_tau_weight}")
+        if not self.leak_weight >= 0:
+            raise ValueError(f"SFConfig.leak_weight must be >= 0, got {self.leak_weight}")
         if not self.distill_weight >= 0:
             raise ValueError(f"SFConfig.distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_dense and not self.distill_weight > 0:
@@ -362,6 +370,10 @@ class SFConfig:
                     f"SFConfig.{name} needs prune='all' and granularity='layer', got "
                     f"prune={self.prune!r}, granularity={self.granularity!r}"
                 )
+        if self.leak_weight and self.granularity != "layer":
+            raise ValueError(
+                f"SFConfig.leak_weight needs granularity='layer', got {self.granularity!r}"
+            )
         if not self.selection_gradient_temperature > 0:
             raise ValueError(
                 f"SFConfig.selection_gradient_temperature must be > 0, got {self.selection_gradient_temperature}"

@@ -103,6 +103,8 @@ class ReplayState:
     scores: list[Tensor] = field(
         default_factory=list
     )  # per layer: float [N, P], summed over KV heads
+    answer_leak: bool = False  # collect each layer's leaked_answer_mass
+    leaks: list[Tensor] = field(default_factory=list)  # per layer: float [N]
 
 
 # transformers does not pass extra state to an attention function: the block hands it over
@@ -117,13 +119,16 @@ def replaying(
     gradient: SelectionGradient | None = None,
     *,
     probe_scores: int | None = None,
+    answer_leak: bool = False,
 ):
     """Within this block, forwards of a model using the replay attention replay ``selections``
     (one per decoder layer) over sequences whose first ``prompt_length`` positions are the
     prompt; with ``gradient``, through a straight-through keep mask. With ``probe_scores`` =
     n_probe, the yielded ReplayState's ``scores`` collects each layer's differentiable probe
-    scores of the prompt (float [N, prompt_length], summed over KV heads, 0 at padding)."""
-    with _replay.holding(ReplayState(selections, prompt_length, gradient, probe_scores)) as state:
+    scores of the prompt (float [N, prompt_length], summed over KV heads, 0 at padding). With
+    ``answer_leak``, ``leaks`` collects each layer's leaked_answer_mass (float [N])."""
+    state = ReplayState(selections, prompt_length, gradient, probe_scores, answer_leak=answer_leak)
+    with _replay.holding(state) as state:
         yield state
 
 
@@ -185,6 +190,10 @@ def replay_attention(
         state.scores.append(
             cumulative_scores(probes, key[:, :, :P], scale=scale, key_mask=key_mask).sum(1)
         )
+    if state.answer_leak:
+        state.leaks.append(
+            leaked_answer_mass(query[:, :, :P], key[:, :, :P], valid, selection, scale)
+        )
     if keep is None:
         completion_out = _completion_attention(
             query[:, :, P:], key, value, P, selection, scale, dropout
@@ -226,6 +235,23 @@ def _sparse_prompt_attention(
     return sparse_prefill_attention(
         query, kept_k, kept_v, positions, lengths, int(lengths.max()), scale, dropout
     )
+
+
+def leaked_answer_mass(query, key, valid, selection: PromptSelection, scale) -> Tensor:
+    """float [B]: the attention mass the prompt's last position - the one that produces the first
+    generated token - puts, densely, on the prompt tokens this layer did not keep (mean over query
+    heads; differentiable in the query and keys). The sparse prefill renormalises that position's
+    attention over the kept set, so this is how far its dense attention is from what it reads
+    (SFConfig.leak_weight, docs/design.md#beyond-the-paper)."""
+    B, Hq, P, _ = query.shape
+    if selection.indices.shape[0] != B:
+        raise ValueError("answer_leak needs one selection per row (granularity='layer')")
+    valid = torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
+    kept = indices_to_keep_mask(selection.indices.to(query.device), P) & valid
+    folded_key = key.repeat_interleave(Hq // key.shape[1], dim=1)  # [B, Hq, P, D]
+    logits = scale * (query[:, :, -1:].float() @ folded_key.float().transpose(-1, -2))[:, :, 0]
+    probs = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1)  # [B, Hq, P]
+    return (probs * (valid & ~kept)[:, None].to(probs.dtype)).sum(-1).mean(1)
 
 
 def straight_through_keep(

@@ -271,6 +271,7 @@ class SparsityForcingTrainer:
                 batch.prompt_length,
                 cfg.replay_gradient(),
                 probe_scores=replay_scores,
+                answer_leak=cfg.leak_weight > 0,
             ) as replay:
                 logp, entropy, *logp_all = sequence_logp(
                     self.trained,
@@ -299,6 +300,9 @@ class SparsityForcingTrainer:
                     cfg.max_new_tokens,
                 )
                 loss = loss + cfg.distill_weight * distill_kl
+            if cfg.leak_weight:  # the first token's dense attention outside the kept sets
+                leak = torch.stack(replay.leaks).mean()
+                loss = loss + cfg.leak_weight * leak
             if cfg.distill_dense:  # and of the dense policy (every token kept), top p's completions
                 dense_kl = self.dense_distillation(*dense_target)
                 loss = loss + cfg.distill_weight * dense_kl
@@ -340,6 +344,7 @@ class SparsityForcingTrainer:
                 {"soft_token_ratio": float(soft_tau.detach().mean())} if cfg.soft_tau_weight else {}
             ),
             **({"distill_kl": float(distill_kl.detach())} if distill else {}),
+            **({"answer_leak": float(leak.detach())} if cfg.leak_weight else {}),
             **({"distill_dense_kl": float(dense_kl.detach())} if cfg.distill_dense else {}),
             "rollout_tokens_per_s": n_tokens / max(rollout_seconds, 1e-9),
         }

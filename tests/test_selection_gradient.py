@@ -297,3 +297,34 @@ def test_trainer_step_with_selection_gradient(tmp_path):
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
         weights[on] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
     assert not torch.allclose(weights[False], weights[True])
+
+
+def test_leaked_answer_mass_is_the_last_positions_dense_mass_outside_the_kept_set():
+    from sf_train.replay import leaked_answer_mass
+    from sparse_attn.cache import PromptSelection
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, P, D = 3, 4, 2, 9, 8
+    query = torch.randn(B, Hq, P, D, requires_grad=True)
+    key = torch.randn(B, Hkv, P, D, requires_grad=True)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[2, :3] = False  # left padding
+    indices = torch.tensor([[0, 4, 8, -1], [1, 2, 3, 8], [3, 8, -1, -1]])
+    selection = PromptSelection(indices, torch.tensor([3, 4, 2]), "sparse")
+    leak = leaked_answer_mass(query, key, valid, selection, 0.5)
+    expected = torch.zeros(B)
+    for b in range(B):
+        kept = set(indices[b][indices[b] >= 0].tolist())
+        for h in range(Hq):
+            logits = 0.5 * key[b, h // 2] @ query[b, h, -1]
+            probs = logits.masked_fill(~valid[b], float("-inf")).softmax(-1)
+            expected[b] += sum(probs[j] for j in range(P) if valid[b, j] and j not in kept) / Hq
+    torch.testing.assert_close(leak, expected)
+    leak.sum().backward()
+    assert query.grad[:, :, -1].abs().sum() > 0 and query.grad[:, :, :-1].abs().sum() == 0
+    everything = PromptSelection(torch.arange(P).repeat(B, 1), torch.full((B,), P), "sparse")
+    assert torch.equal(leaked_answer_mass(query, key, valid, everything, 0.5), torch.zeros(B))
+    with pytest.raises(ValueError, match="granularity"):
+        SFConfig(leak_weight=1.0, granularity="kv_head")
+    with pytest.raises(ValueError, match="leak_weight"):
+        SFConfig(leak_weight=-1.0)

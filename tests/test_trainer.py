@@ -93,6 +93,20 @@ def test_soft_tau_term_is_logged_and_changes_the_update(tmp_path):
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
+def test_leak_term_is_logged_and_changes_the_update(tmp_path):
+    """Only the leak term can move the weights (every rollout correct, no efficiency reward,
+    beta = 0): it is logged, in [0, 1], and the weights move."""
+    always_right = replace(toy_task(), is_correct=lambda prompt, completion, answer: 1)
+    torch.manual_seed(0)
+    config = make_config(tmp_path, steps=2, leak_weight=5.0, beta=0.0, efficiency_weight=0.0)
+    trainer = SparsityForcingTrainer(config, toy_model(), toy_model(), always_right)
+    history = trainer.train(progress=False)
+    assert all(0.0 < m["answer_leak"] < 1.0 for m in history)
+    start = torch.cat([p.detach().flatten() for p in toy_model().parameters()])
+    moved = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+    assert not torch.allclose(moved, start)
+
+
 def test_soft_tau_target_stops_the_push_below_it(tmp_path):
     """The same setting: only the soft term moves the weights. A target above every prompt's
     smoothed tau leaves them where they started; a target of 0 is the plain term."""
