@@ -36,13 +36,17 @@ class EmbeddedTask:
 
 EMBEDDED_TASKS = {
     # synthetic visual QA, tiny Qwen2.5-VL. The paper's objective does not move the token ratio
-    # here (its efficiency gradient is zero in expectation); the pathwise term does.
+    # here (its efficiency gradient is zero in expectation); the pathwise term does, and under the
+    # sparse prefill distillation plus the selection gradient keep the answers.
     "embedded_vqa": EmbeddedTask(
         _load_embedded_vqa,
         BASE_CHECKPOINT,
         "sf_train.worlds.vqa.sft",
         dict(
             soft_tau_weight=3.0,
+            distill_weight=3.0,
+            distill_dense=True,
+            selection_gradient=True,
             lr=1e-4,
             steps=150,
             prompts_per_step=16,
