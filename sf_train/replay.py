@@ -248,8 +248,9 @@ def leaked_answer_mass(query, key, valid, selection: PromptSelection, scale) -> 
         raise ValueError("answer_leak needs one selection per row (granularity='layer')")
     valid = torch.ones(B, P, dtype=torch.bool, device=query.device) if valid is None else valid
     kept = indices_to_keep_mask(selection.indices.to(query.device), P) & valid
-    folded_key = key.repeat_interleave(Hq // key.shape[1], dim=1)  # [B, Hq, P, D]
-    logits = scale * (query[:, :, -1:].float() @ folded_key.float().transpose(-1, -2))[:, :, 0]
+    Hkv = key.shape[1]
+    last = query[:, :, -1].float().view(B, Hkv, Hq // Hkv, -1)  # a KV head's query heads
+    logits = scale * (last @ key.float().transpose(-1, -2)).view(B, Hq, P)
     probs = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1)  # [B, Hq, P]
     return (probs * (valid & ~kept)[:, None].to(probs.dtype)).sum(-1).mean(1)
 

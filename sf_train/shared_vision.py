@@ -55,12 +55,12 @@ def share_image_features(model, reuse: bool = True) -> bool:
     def forward(self, hidden_states, grid_thw=None, **kwargs):
         if not isinstance(grid_thw, Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
             return original(hidden_states, grid_thw=grid_thw, **kwargs)
-        versions = (
+        keep = reuse and not torch.is_grad_enabled()
+        versions = keep and (
             hidden_states._version,
             self.training,
             tuple(p._version for p in self.parameters()),
         )
-        keep = reuse and not torch.is_grad_enabled()
         if keep and last and last["pixels"]() is hidden_states and last["versions"] == versions:
             if torch.equal(last["grid"], grid_thw):
                 return _fresh(last["out"])

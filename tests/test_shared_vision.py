@@ -113,17 +113,9 @@ def test_no_reuse_when_asked():
 
 
 def test_a_text_model_has_no_tower():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from test_replay import tiny_qwen2
 
-    config = Qwen2Config(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    assert not share_image_features(Qwen2ForCausalLM(config))
+    assert not share_image_features(tiny_qwen2())
 
 
 @pytest.mark.parametrize("regroup_fails", [False, True])
