@@ -37,7 +37,10 @@ class EmbeddedTask:
 EMBEDDED_TASKS = {
     # synthetic visual QA, tiny Qwen2.5-VL. The paper's objective does not move the token ratio
     # here (its efficiency gradient is zero in expectation); the pathwise term does, and under the
-    # sparse prefill distillation plus the selection gradient keep the answers.
+    # sparse prefill distillation plus the selection gradient keep the answers. The prompt puts
+    # the image last, so the rule's default probes (the last 64 positions) are image tokens; the
+    # recipe probes with the last position alone, the one that answers
+    # (docs/embedded_default.md#sparse-prefill).
     "embedded_vqa": EmbeddedTask(
         _load_embedded_vqa,
         BASE_CHECKPOINT,
@@ -47,6 +50,7 @@ EMBEDDED_TASKS = {
             distill_weight=3.0,
             distill_dense=True,
             selection_gradient=True,
+            n_probe=1,
             lr=1e-4,
             steps=150,
             prompts_per_step=16,
