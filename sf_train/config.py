@@ -365,10 +365,9 @@ class SFConfig:
                 f"SFConfig.soft_tau_temperature must be > 0, got {self.soft_tau_temperature}"
             )
         for name in ("soft_tau_weight", "selection_gradient"):
-            if getattr(self, name) and (self.prune != "all" or self.granularity != "layer"):
+            if getattr(self, name) and self.granularity != "layer":
                 raise ValueError(
-                    f"SFConfig.{name} needs prune='all' and granularity='layer', got "
-                    f"prune={self.prune!r}, granularity={self.granularity!r}"
+                    f"SFConfig.{name} needs granularity='layer', got {self.granularity!r}"
                 )
         if self.leak_weight and self.granularity != "layer":
             raise ValueError(

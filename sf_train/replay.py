@@ -83,8 +83,9 @@ def concat_selections(selections: list[list[PromptSelection]]) -> list[PromptSel
 
 @dataclass(frozen=True)
 class SelectionGradient:
-    """The rollouts' TopPPolicy fields the straight-through keep mask needs (one budget per layer,
-    every token a candidate), and the width of its sigmoid in log-score units."""
+    """The rollouts' TopPPolicy fields the straight-through keep mask needs (one budget per layer;
+    the candidates other than every valid token come as ``replaying``'s candidate_mask), and the
+    width of its sigmoid in log-score units."""
 
     n_probe: int
     keep_first: int
@@ -105,6 +106,9 @@ class ReplayState:
     )  # per layer: float [N, P], summed over KV heads
     answer_leak: bool = False  # collect each layer's leaked_answer_mass
     leaks: list[Tensor] = field(default_factory=list)  # per layer: float [N]
+    # bool [N, prompt_length]: the rule's candidates (TopPPolicy(prune="visual"): the visual
+    # tokens); None: every valid token is one
+    candidate_mask: Tensor | None = None
 
 
 # transformers does not pass extra state to an attention function: the block hands it over
@@ -120,14 +124,24 @@ def replaying(
     *,
     probe_scores: int | None = None,
     answer_leak: bool = False,
+    candidate_mask: Tensor | None = None,
 ):
     """Within this block, forwards of a model using the replay attention replay ``selections``
     (one per decoder layer) over sequences whose first ``prompt_length`` positions are the
     prompt; with ``gradient``, through a straight-through keep mask. With ``probe_scores`` =
     n_probe, the yielded ReplayState's ``scores`` collects each layer's differentiable probe
     scores of the prompt (float [N, prompt_length], summed over KV heads, 0 at padding). With
-    ``answer_leak``, ``leaks`` collects each layer's leaked_answer_mass (float [N])."""
-    state = ReplayState(selections, prompt_length, gradient, probe_scores, answer_leak=answer_leak)
+    ``answer_leak``, ``leaks`` collects each layer's leaked_answer_mass (float [N]).
+    ``candidate_mask`` (bool [N, prompt_length]) names the rule's candidates when the policy had
+    prune="visual": the other tokens are forced, so the keep mask gives them no gradient."""
+    state = ReplayState(
+        selections,
+        prompt_length,
+        gradient,
+        probe_scores,
+        answer_leak=answer_leak,
+        candidate_mask=candidate_mask,
+    )
     with _replay.holding(state) as state:
         yield state
 
@@ -152,7 +166,15 @@ def replay_attention(
     if gradient is not None:
         if dropout:
             raise ValueError(f"selection_gradient supports no attention dropout, got {dropout}")
-        keep = _layer_keep(query[:, :, :P], key[:, :, :P], valid, selection, scale, gradient)
+        keep = _layer_keep(
+            query[:, :, :P],
+            key[:, :, :P],
+            valid,
+            selection,
+            scale,
+            gradient,
+            state.candidate_mask,
+        )
     if selection.prefill == "sparse" and keep is not None:
         prompt_out = _weighted_prompt_attention(
             query[:, :, :P], key[:, :, :P], value[:, :, :P], keep, scale
@@ -273,7 +295,13 @@ def straight_through_keep(
 
 
 def _layer_keep(
-    query, key, valid, selection: PromptSelection, scale, gradient: SelectionGradient
+    query,
+    key,
+    valid,
+    selection: PromptSelection,
+    scale,
+    gradient: SelectionGradient,
+    candidate_mask: Tensor | None = None,
 ) -> Tensor:
     """float [B, P]: one layer's straight-through keep mask, from the prompt's probe attention
     recomputed differentiably (the cumulative_scores op's plain-PyTorch definition)."""
@@ -285,7 +313,9 @@ def _layer_keep(
     scores = cumulative_scores(probes, key, scale=scale, key_mask=valid).sum(
         1
     )  # the layer's budget
-    forced = forced_positions(valid, gradient.keep_first, gradient.keep_last, None)
+    if candidate_mask is not None:
+        candidate_mask = candidate_mask.to(valid.device)
+    forced = forced_positions(valid, gradient.keep_first, gradient.keep_last, candidate_mask)
     return straight_through_keep(
         scores,
         indices_to_keep_mask(selection.indices, P) & valid,

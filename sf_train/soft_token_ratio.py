@@ -64,23 +64,43 @@ def soft_topp_count(
 
 
 def soft_token_ratio(
-    scores: Tensor, valid: Tensor, policy: TopPPolicy, p_values, temperature: float = 0.01
+    scores: Tensor,
+    valid: Tensor,
+    policy: TopPPolicy,
+    p_values,
+    temperature: float = 0.01,
+    candidate_mask: Tensor | None = None,
 ) -> Tensor:
     """float [B]: the smoothed token ratio of each prompt, averaged over layers and over p_values.
 
     scores: [n_layers, B, L] from probe_scores; valid: bool [B, L]; policy gives keep_first,
-    keep_last (prune="all": every other valid token is a candidate)."""
-    if policy.prune != "all" or policy.granularity != "layer":
+    keep_last and prune: with prune="all" every other valid token is a candidate, with
+    prune="visual" only those of ``candidate_mask`` (bool [B, L], the visual tokens: the others
+    are forced, as in the cache)."""
+    if policy.granularity != "layer":
         raise ValueError(
-            "soft_token_ratio supports TopPPolicy(prune='all', granularity='layer'), "
-            f"got prune={policy.prune!r}, granularity={policy.granularity!r}"
+            "soft_token_ratio supports TopPPolicy(granularity='layer'), "
+            f"got granularity={policy.granularity!r}"
+        )
+    if policy.prune == "visual" and candidate_mask is None:
+        raise ValueError(
+            "soft_token_ratio with TopPPolicy(prune='visual') needs candidate_mask "
+            "(bool [B, L], the visual tokens)"
+        )
+    if policy.prune == "all" and candidate_mask is not None:
+        raise ValueError("soft_token_ratio: candidate_mask is for TopPPolicy(prune='visual')")
+    if candidate_mask is not None and candidate_mask.shape != valid.shape:
+        raise ValueError(
+            f"candidate_mask must have valid's shape {tuple(valid.shape)}, "
+            f"got {tuple(candidate_mask.shape)}"
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     n_layers, B, L = scores.shape
     rows = scores.reshape(n_layers * B, L)
     row_valid = valid.repeat(n_layers, 1)
-    forced = forced_positions(row_valid, policy.keep_first, policy.keep_last, None)
+    candidates = None if candidate_mask is None else candidate_mask.repeat(n_layers, 1)
+    forced = forced_positions(row_valid, policy.keep_first, policy.keep_last, candidates)
     n_valid = row_valid.sum(-1).to(rows.dtype)
     ratios = torch.stack(
         [

@@ -32,6 +32,8 @@ from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
 from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import distillation_kl, grpo_loss, normalize
+from sparse_attn.attention import visual_token_ids
+
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
 from .rollout import Rollouts, rollout
@@ -206,6 +208,19 @@ class SparsityForcingTrainer:
             self.policy.set_attn_implementation(REPLAY_ATTENTION)
             self.policy.train()
 
+    def candidate_mask(self, input_ids: Tensor) -> Tensor | None:
+        """bool, input_ids' shape: the rule's candidates under prune="visual" (the image / video
+        tokens); None under prune="all" (every valid token is one)."""
+        if self.config.prune == "all":
+            return None
+        ids = visual_token_ids(self.policy.config)
+        if not ids:
+            raise ValueError(
+                "SFConfig.prune='visual' needs a model whose config has image_token_id / "
+                "video_token_id"
+            )
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
     def soft_tau(self, inputs: dict, replayed_scores: list[Tensor] | None = None) -> Tensor:
         """[B] the smoothed token ratio of each prompt over the p grid, differentiable in the weights.
 
@@ -216,10 +231,16 @@ class SparsityForcingTrainer:
         and each rollout's smoothed ratio is taken at its own p."""
         cfg = self.config
         valid = inputs["attention_mask"].bool()
+        candidates = self.candidate_mask(inputs["input_ids"])
         if replayed_scores is None:
             scores = probe_scores(self.policy, inputs, cfg.n_probe)
             return soft_token_ratio(
-                scores, valid, cfg.policy(cfg.deploy_p), cfg.p_grid, cfg.soft_tau_temperature
+                scores,
+                valid,
+                cfg.policy(cfg.deploy_p),
+                cfg.p_grid,
+                cfg.soft_tau_temperature,
+                candidates,
             )
         scores = torch.stack(replayed_scores)  # [n_layers, G * B, P]
         B = valid.shape[0]
@@ -230,6 +251,7 @@ class SparsityForcingTrainer:
                 cfg.policy(cfg.deploy_p),
                 [p],
                 cfg.soft_tau_temperature,
+                candidates,
             )
             for g, p in enumerate(cfg.p_grid)
         ]
@@ -265,6 +287,7 @@ class SparsityForcingTrainer:
             dense_target = self.dense_distillation_target(inputs, groups[-1], advantages)
         # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
         replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
+        candidates = self.candidate_mask(batch.inputs["input_ids"][:, : batch.prompt_length])
         for _ in range(cfg.inner_epochs):
             with replaying(
                 batch.selections,
@@ -272,6 +295,7 @@ class SparsityForcingTrainer:
                 cfg.replay_gradient(),
                 probe_scores=replay_scores,
                 answer_leak=cfg.leak_weight > 0,
+                candidate_mask=candidates,
             ) as replay:
                 logp, entropy, *logp_all = sequence_logp(
                     self.trained,
@@ -316,7 +340,12 @@ class SparsityForcingTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             # Under gradient checkpointing the layers recompute their forward during backward: it
             # must replay the same selections (docs/scale.md#gradient-checkpointing).
-            with replaying(batch.selections, batch.prompt_length, cfg.replay_gradient()):
+            with replaying(
+                batch.selections,
+                batch.prompt_length,
+                cfg.replay_gradient(),
+                candidate_mask=candidates,
+            ):
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm

@@ -307,7 +307,9 @@ def key_validity(attention_mask: Tensor | None) -> Tensor | None:
     )  # additive masks: 0 = visible
 
 
-def _visual_token_ids(config) -> list[int]:
+def visual_token_ids(config) -> list[int]:
+    """The image / video token ids of a model config (the tokens TopPPolicy(prune="visual")
+    prunes; empty for a text model)."""
     return [i for name in _VISUAL_TOKEN_ID_FIELDS if (i := getattr(config, name, None)) is not None]
 
 
@@ -353,7 +355,7 @@ def enable(model: torch.nn.Module, policy: TopPPolicy | None = None) -> torch.nn
             f"sparse_topp supports full-attention layers only; this {type(model).__name__} has "
             f"{windowed} (docs/limits.md)"
         )
-    visual_ids = _visual_token_ids(model.config)
+    visual_ids = visual_token_ids(model.config)
     if policy is not None and policy.prune == "visual" and not visual_ids:
         raise ValueError(
             "TopPPolicy(prune='visual') needs image / video token ids, but "

@@ -60,6 +60,63 @@ def test_soft_ratio_equals_the_caches_token_ratio():
         torch.testing.assert_close(soft, measured.float(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.975])
+def test_soft_ratio_with_visual_candidates_is_the_exact_rule_in_the_limit(p):
+    g = torch.Generator().manual_seed(int(1000 * p))
+    scores, valid = random_rows(10, 53, g)
+    candidates = torch.rand(10, 53, generator=g) < 0.6  # the "visual" tokens
+    policy = TopPPolicy(p=p, keep_first=2, keep_last=3, prune="visual")
+    _, counts = topp_select(
+        scores, p, valid_mask=valid, keep_first=2, keep_last=3, candidate_mask=candidates
+    )
+    soft = soft_token_ratio(
+        scores[None], valid, policy, [p], temperature=1e-7, candidate_mask=candidates
+    )
+    torch.testing.assert_close(soft, counts.float() / valid.sum(-1), atol=1e-4, rtol=0)
+    every = soft_token_ratio(scores[None], valid, TopPPolicy(p=p, keep_first=2, keep_last=3), [p])
+    assert not torch.allclose(soft, every), "the non-candidates are forced"
+
+
+def test_soft_ratio_equals_the_caches_token_ratio_on_the_tiny_vlm_under_prune_visual():
+    from sf_train.worlds.vqa import model as tiny_vlm
+    from sf_train.worlds.vqa.world import embedded_vqa
+
+    torch.manual_seed(0)
+    config = tiny_vlm.TinyVLMConfig()
+    processor = tiny_vlm.build_processor(config)
+    model = tiny_vlm.build_model(config, processor.tokenizer).eval()
+    vqa = embedded_vqa(processor)
+    inputs = dict(vqa.encode(vqa.samples("train", 0, 3)))
+    visual = torch.isin(inputs["input_ids"], torch.tensor([model.config.image_token_id]))
+    with torch.no_grad():
+        scores = probe_scores(model, inputs, n_probe=4)
+    enable(model)
+    for p in (0.5, 0.9):
+        # dense prefill: every layer's selection scores the dense forward's probe attention
+        policy = TopPPolicy(
+            p=p, n_probe=4, keep_first=1, keep_last=2, prune="visual", prefill="dense"
+        )
+        measured = rollout(
+            model,
+            inputs,
+            policy,
+            max_new_tokens=1,
+            eos_token_id=vqa.eos_token_id,
+            pad_token_id=vqa.pad_token_id,
+            temperature=None,
+        ).token_ratio
+        soft = soft_token_ratio(
+            scores,
+            inputs["attention_mask"].bool(),
+            policy,
+            [p],
+            temperature=1e-7,
+            candidate_mask=visual,
+        )
+        torch.testing.assert_close(soft, measured.float(), atol=1e-4, rtol=0)
+        assert (measured < 1).all()
+
+
 def test_descending_the_soft_ratio_concentrates_attention():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 200, generator=g).requires_grad_()
@@ -85,13 +142,22 @@ def test_descending_the_soft_ratio_concentrates_attention():
 
 def test_bad_input_is_named():
     scores, valid = torch.rand(1, 2, 8), torch.ones(2, 8, dtype=torch.bool)
-    with pytest.raises(ValueError, match="prune='all'"):
+    with pytest.raises(ValueError, match="candidate_mask"):
         soft_token_ratio(scores, valid, TopPPolicy(p=0.9, prune="visual"), [0.9])
+    with pytest.raises(ValueError, match="candidate_mask"):
+        soft_token_ratio(scores, valid, TopPPolicy(p=0.9), [0.9], candidate_mask=valid)
+    with pytest.raises(ValueError, match="candidate_mask must have"):
+        soft_token_ratio(
+            scores, valid, TopPPolicy(p=0.9, prune="visual"), [0.9], candidate_mask=valid[:1]
+        )
+    with pytest.raises(ValueError, match="granularity='layer'"):
+        soft_token_ratio(scores, valid, TopPPolicy(p=0.9, granularity="kv_head"), [0.9])
     with pytest.raises(ValueError, match="temperature"):
         soft_token_ratio(scores, valid, TopPPolicy(p=0.9), [0.9], temperature=0.0)
     with pytest.raises(ValueError, match="soft_tau_weight"):
         SFConfig(soft_tau_weight=-1.0)
-    with pytest.raises(ValueError, match="soft_tau_weight"):
-        SFConfig(soft_tau_weight=1.0, prune="visual")
+    with pytest.raises(ValueError, match="soft_tau_weight needs granularity"):
+        SFConfig(soft_tau_weight=1.0, granularity="kv_head")
+    SFConfig(soft_tau_weight=1.0, prune="visual")  # supported: the visual tokens are candidates
     with pytest.raises(ValueError, match="soft_tau_temperature"):
         SFConfig(soft_tau_temperature=0.0)
