@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparse_attn.attention import visual_token_ids
+
 from . import scale
 from .batch import TrainingBatch, sequence_logp, training_batch
 from .config import SFConfig
 from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import distillation_kl, grpo_loss, normalize
-from sparse_attn.attention import visual_token_ids
-
 from .replay import REPLAY_ATTENTION, replaying
 from .rewards import efficiency_gate, group_advantages, joint_rewards, score_rollouts
 from .rollout import Rollouts, rollout

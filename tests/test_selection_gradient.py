@@ -126,7 +126,12 @@ def test_weighted_attention_gradient_in_keep_matches_finite_differences(gen):
         (0, int(selection.indices[0, 0])),
     ]:
         fd = five_point_difference(loss, keep.detach(), b, j)
-        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (b, j, float(grad[b, j]), float(fd))
+        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (
+            b,
+            j,
+            float(grad[b, j]),
+            float(fd),
+        )
     assert (grad[keep.detach() == 0] != 0).any(), "dropped keys get a gradient"
 
 
@@ -187,7 +192,12 @@ def test_weighted_prompt_attention_gradient_in_keep_matches_finite_differences(g
     dropped = torch.nonzero(keep[0] == 0).flatten()
     for b, j in [(0, int(dropped[0])), (0, int(dropped[-1])), (1, int(selection.indices[1, 0]))]:
         fd = five_point_difference(loss, keep.detach(), b, j)
-        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (b, j, float(grad[b, j]), float(fd))
+        assert grad[b, j] == pytest.approx(float(fd), rel=1e-4, abs=1e-8), (
+            b,
+            j,
+            float(grad[b, j]),
+            float(fd),
+        )
     assert (grad[keep.detach() == 0] != 0).any(), "dropped positions get a gradient"
 
 

@@ -234,3 +234,43 @@ def test_two_process_gloo(tmp_path, soft_tau_weight):
     assert h0 == h1, "metrics are averaged over ranks"
     assert torch.equal(w0, w1), "DDP keeps the replicas identical"
     assert all(math.isfinite(m["loss"]) for m in h0)
+
+
+def test_prune_visual_run_on_the_tiny_vlm(tmp_path):
+    """prune="visual" with the soft term and the selection gradient: the text tokens are forced,
+    so every rollout keeps them, and the smoothed ratio scores the visual tokens only."""
+    from sf_train.worlds.vqa import model as tiny_vlm
+    from sf_train.worlds.vqa.world import embedded_vqa
+
+    config = tiny_vlm.TinyVLMConfig()
+    processor = tiny_vlm.build_processor(config)
+    torch.manual_seed(0)
+    policy = tiny_vlm.build_model(config, processor.tokenizer)
+    reference = tiny_vlm.build_model(config, processor.tokenizer)
+    reference.load_state_dict(policy.state_dict())
+    task = replace(embedded_vqa(processor), is_correct=lambda prompt, completion, answer: 1)
+    sf = make_config(
+        tmp_path,
+        steps=1,
+        prompts_per_step=2,
+        p_grid=(0.5, 0.9),
+        n_probe=1,
+        prune="visual",
+        soft_tau_weight=1.0,
+        soft_tau_temperature=1e-4,
+        selection_gradient=True,
+    )
+    trainer = SparsityForcingTrainer(sf, policy, reference, task)
+    inputs = dict(task.encode(task.samples("train", 0, 2)))
+    groups = trainer.rollouts(inputs)
+    text = inputs["attention_mask"].bool() & (inputs["input_ids"] != policy.config.image_token_id)
+    for group in groups:
+        assert (group.token_ratio < 1).all(), "the rule prunes"
+        for selection in group.selections:
+            kept = torch.zeros_like(text)
+            for b in range(2):
+                kept[b, selection.indices[b, : int(selection.counts[b])].long()] = True
+            assert (kept | ~text).all(), "every text token is kept"
+    (metrics,) = trainer.train(progress=False)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert abs(metrics["soft_token_ratio"] - metrics["token_ratio"]) < 0.02, metrics
