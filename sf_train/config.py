@@ -98,18 +98,25 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def lr_factor(
-    step: int, *, warmup_steps: int, decay_steps: int, min_lr_ratio: float, schedule: str = "cosine"
+    step: int,
+    *,
+    warmup_steps: int,
+    decay_steps: int,
+    min_lr_ratio: float,
+    schedule: str = "cosine",
+    stable_steps: int = 0,
 ) -> float:
     """The learning-rate multiplier of update ``step`` (from 0), for Sparsity Forcing
     (SFConfig.lr_at) and the worlds' supervised training (sf_train/worlds/sft_loop.py) alike.
 
-    Linear warm-up over the first ``warmup_steps`` updates ((step + 1) / warmup_steps), then a
-    decay from 1 to ``min_lr_ratio`` over ``decay_steps`` more updates, constant after them:
-    schedule "constant" (no decay), "linear" or "cosine".
+    Linear warm-up over the first ``warmup_steps`` updates ((step + 1) / warmup_steps), 1 for
+    ``stable_steps`` more (warmup-stable-decay), then a decay from 1 to ``min_lr_ratio`` over
+    ``decay_steps`` more updates, constant after them: schedule "constant" (no decay), "linear"
+    or "cosine".
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    progress = min(1.0, max(0, step - warmup_steps - stable_steps) / max(1, decay_steps))
     decay = {
         "constant": 1.0,
         "linear": 1.0 - progress,
@@ -249,6 +256,11 @@ class SFConfig:
         "(TRL's lr_scheduler_type)",
     )
     warmup_steps: int = _field(0, "linear warm-up steps, from lr / warmup_steps to lr")
+    stable_steps: int = _field(
+        0,
+        "with a decaying lr_schedule: steps after the warm-up at the peak lr before the decay "
+        "starts (warmup-stable-decay); the decay then spans the remaining steps",
+    )
     min_lr_ratio: float = _field(0.0, "the decay's final learning rate, as a fraction of lr")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient norm clip")
@@ -323,6 +335,11 @@ class SFConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"SFConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
+        if self.stable_steps < 0 or self.warmup_steps + self.stable_steps >= max(self.steps, 1):
+            raise ValueError(
+                "SFConfig.stable_steps must be >= 0 and warmup_steps + stable_steps < steps, got "
+                f"{self.stable_steps} (warmup_steps {self.warmup_steps}, steps {self.steps})"
             )
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(
@@ -421,9 +438,10 @@ class SFConfig:
         return self.lr * lr_factor(
             step,
             warmup_steps=self.warmup_steps,
-            decay_steps=self.steps - 1 - self.warmup_steps,
+            decay_steps=self.steps - 1 - self.warmup_steps - self.stable_steps,
             min_lr_ratio=self.min_lr_ratio,
             schedule=self.lr_schedule,
+            stable_steps=self.stable_steps,
         )
 
     def replay_gradient(self) -> SelectionGradient | None:

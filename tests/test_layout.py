@@ -109,3 +109,18 @@ def test_sf_and_sft_share_the_schedule():
         )
         assert config.lr_at(step) == 2.0 * factor
     assert config.lr_at(5) == pytest.approx(0.5)
+
+
+def test_stable_steps_hold_the_peak_before_the_decay():
+    """Warmup-stable-decay: after the warm-up the peak holds for stable_steps, then the decay
+    spans the remaining steps and still reaches lr * min_lr_ratio at the last one."""
+    config = SFConfig(
+        lr=1.0, steps=10, warmup_steps=2, stable_steps=3, lr_schedule="linear", min_lr_ratio=0.2
+    )
+    rates = [config.lr_at(s) for s in range(10)]
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2])
+    plain = SFConfig(lr=1.0, steps=10, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.2)
+    assert [plain.lr_at(s) for s in range(10)] != rates  # stable_steps changes the schedule
+    for bad in (dict(stable_steps=-1), dict(stable_steps=8, warmup_steps=2, steps=10)):
+        with pytest.raises(ValueError, match="stable_steps"):
+            SFConfig(**bad)
