@@ -336,7 +336,9 @@ class SFConfig:
             raise ValueError(
                 f"SFConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
-        if self.stable_steps < 0 or self.warmup_steps + self.stable_steps >= max(self.steps, 1):
+        if self.stable_steps < 0 or (
+            self.stable_steps and self.warmup_steps + self.stable_steps >= self.steps
+        ):
             raise ValueError(
                 "SFConfig.stable_steps must be >= 0 and warmup_steps + stable_steps < steps, got "
                 f"{self.stable_steps} (warmup_steps {self.warmup_steps}, steps {self.steps})"
