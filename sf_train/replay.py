@@ -332,28 +332,62 @@ def _weighted_completion_attention(query, key, value, keep: Tensor, scale) -> Te
     B, Hq, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     work = torch.promote_types(query.dtype, torch.float32)
-    causal = torch.ones(T, T, dtype=work, device=query.device).tril()
-    weights = torch.cat(
-        [keep.to(work)[:, None, None, :].expand(B, Hkv, T, S - T), causal.expand(B, Hkv, T, T)],
-        dim=-1,
-    )
-    folded, weights = gqa_fold(query, weights)  # rows (group member, t), as in the decode
-    out = _weighted_softmax(folded, key, value, weights, scale, work)  # [B, Hkv, g*T, D]
+    key_weight = torch.cat([keep.to(work), keep.new_ones(B, T, dtype=work)], dim=-1)
+    visible = torch.ones(T, S, dtype=torch.bool, device=query.device)
+    visible[:, S - T :] = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    folded = query.reshape(B, Hkv, Hq // Hkv * T, D)  # rows (group member, t), as gqa_fold
+    out = _KeyWeightedSoftmax.apply(
+        folded.to(work), key.to(work), value.to(work), key_weight, visible, scale
+    )  # [B, Hkv, g*T, D]
     return out.to(query.dtype).view(B, Hq, T, D).transpose(1, 2)
 
 
-def _weighted_softmax(folded, key, value, weights: Tensor, scale, work) -> Tensor:
-    """sum_j w_j exp(l_j) v_j / sum_j w_j exp(l_j) per row, in ``work`` precision: the softmax
-    over the keys with weight 1 in value, and a gradient in every weight, including a 0 one. A
-    row with no nonzero weight has no output to weigh: 0, with no gradient."""
-    logits = scale * folded.to(work) @ key.to(work).transpose(-1, -2)
-    shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
-    sees_a_key = torch.isfinite(shift)
-    shift = torch.where(sees_a_key, shift, 0.0)
-    # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
-    e = torch.exp((logits - shift).clamp(max=30.0)) * weights
-    total = torch.where(sees_a_key, e.sum(-1, keepdim=True), 1.0)
-    return torch.where(sees_a_key, e @ value.to(work) / total, 0.0)
+class _KeyWeightedSoftmax(torch.autograd.Function):
+    """Attention with a weight on each key (docs/sparse_prefill.md#replay): row (member, t) of
+    query [B, H, g*T, D] gives sum_j w_tj exp(l_j) v_j / sum_j w_tj exp(l_j) over key [B, H, S, D],
+    w_tj = key_weight[b, j] * visible[t, j] (key_weight float [B, S], visible bool [T, S]). In
+    value the softmax over the visible keys of weight 1; in gradient every visible key's weight,
+    a 0 one included, gets d out / d w_j. A row that sees no key of nonzero weight: 0, with no
+    gradient. The forward keeps one [B, H, g*T, S] tensor (the exponentials) for the backward,
+    which is written out (dA = d out / d a, the softmax's chain rule by hand), so a training
+    forward makes a few passes over the score matrix instead of autograd's dozen."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, key_weight, visible, scale):
+        B, H, M, _ = query.shape
+        T, S = visible.shape
+        logits = torch.matmul(query, key.transpose(-1, -2)).mul_(scale).view(B, H, M // T, T, S)
+        seen = (visible & (key_weight > 0)[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
+        shift = logits.masked_fill(~seen, float("-inf")).amax(-1, keepdim=True)
+        sees = torch.isfinite(shift)
+        shift = torch.where(sees, shift, 0.0)
+        # A dropped key may score far above the visible ones: cap its exponent (its weight is 0).
+        e = logits.sub_(shift).clamp_(max=30.0).exp_().masked_fill_(~visible, 0.0)
+        a = e * key_weight[:, None, None, None, :]
+        inv_total = torch.where(sees, 1.0 / a.sum(-1, keepdim=True), 0.0).view(B, H, M, 1)
+        out = torch.matmul(a.view(B, H, M, S), value).mul_(inv_total)
+        ctx.scale = scale
+        ctx.save_for_backward(query, key, value, key_weight, e, inv_total, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, key_weight, e, inv_total, out = ctx.saved_tensors
+        B, H, M, S = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+        g_norm = grad_out * inv_total  # rows that see no key: 0
+        # d loss / d a_j = (g . v_j - g . out) / total, a_j = w_j exp(l_j)
+        d_a = torch.matmul(g_norm, value.transpose(-1, -2))
+        d_a.sub_((g_norm * out).sum(-1, keepdim=True))
+        d_a = d_a.view(e.shape)
+        a = e * key_weight[:, None, None, None, :]
+        d_value = torch.matmul(a.view(B, H, M, S).transpose(-1, -2), g_norm)
+        d_weight = None
+        if ctx.needs_input_grad[3]:
+            d_weight = (d_a * e).sum((1, 2, 3))
+        d_logits = d_a.mul_(a).mul_(ctx.scale).view(B, H, M, S)  # exp' = exp; shift detached
+        d_query = torch.matmul(d_logits, key)
+        d_key = torch.matmul(d_logits.transpose(-1, -2), query)
+        return d_query, d_key, d_value, d_weight, None, None
 
 
 def _weighted_prompt_attention(query, key, value, keep: Tensor, scale) -> Tensor:
@@ -366,11 +400,12 @@ def _weighted_prompt_attention(query, key, value, keep: Tensor, scale) -> Tensor
     B, Hq, P, D = query.shape
     Hkv = key.shape[1]
     work = torch.promote_types(query.dtype, torch.float32)
-    causal = torch.ones(P, P, dtype=work, device=query.device).tril()
-    weights = keep.to(work)[:, None, None, :] * causal  # [B, 1, P, P]: key j <= query i, kept
-    folded, weights = gqa_fold(query, weights.expand(B, Hkv, P, P))
+    causal = torch.ones(P, P, dtype=torch.bool, device=query.device).tril()
+    folded = query.reshape(B, Hkv, Hq // Hkv * P, D)  # rows (group member, i), as gqa_fold
     # a dropped position before every kept one sees no kept key: output 0
-    out = _weighted_softmax(folded, key, value, weights, scale, work)  # [B, Hkv, g*P, D]
+    out = _KeyWeightedSoftmax.apply(
+        folded.to(work), key.to(work), value.to(work), keep.to(work), causal, scale
+    )  # [B, Hkv, g*P, D]
     out = out.view(B, Hq, P, D) * keep.to(work)[:, None, :, None]  # zero outside T, in value
     return out.to(query.dtype).transpose(1, 2)
 

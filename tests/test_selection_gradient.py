@@ -201,6 +201,72 @@ def test_weighted_prompt_attention_gradient_in_keep_matches_finite_differences(g
     assert (grad[keep.detach() == 0] != 0).any(), "dropped positions get a gradient"
 
 
+def autograd_weighted_softmax(folded, key, value, weights, scale):
+    """The key-weighted softmax attention written with autograd's ops: the definition the
+    replay's hand-written backward must reproduce."""
+    logits = scale * folded @ key.transpose(-1, -2)
+    shift = logits.detach().masked_fill(weights.detach() == 0, float("-inf")).amax(-1, keepdim=True)
+    sees = torch.isfinite(shift)
+    shift = torch.where(sees, shift, 0.0)
+    e = torch.exp((logits - shift).clamp(max=30.0)) * weights
+    total = torch.where(sees, e.sum(-1, keepdim=True), 1.0)
+    return torch.where(sees, e @ value / total, 0.0)
+
+
+@pytest.mark.parametrize("where", ["prompt", "completion"])
+def test_hand_written_backward_equals_autograd(gen, where):
+    """Values and gradients in the queries, keys, values and keep of the replay's weighted
+    attention equal autograd over the plain formula: GQA, a row that sees no kept key, a dropped
+    key scoring far above the kept ones (its exponent capped), random upstream gradients."""
+    B, Hq, Hkv, P, T, D = 3, 6, 2, 17, 3, 8
+    f64 = dict(generator=gen, dtype=torch.float64)
+    S = P if where == "prompt" else P + T
+    M = P if where == "prompt" else T
+    q = torch.randn(B, Hq, M, D, **f64)
+    k, v = (torch.randn(B, Hkv, S, D, **f64) for _ in range(2))
+    keep = (torch.rand(B, P, **f64) < 0.4).double()
+    keep[0, :5] = 0.0  # row 0: positions 0-4 see no kept key
+    keep[0, 5] = 1.0
+    k[1, :, int(torch.nonzero(keep[1] == 0)[0])] *= 60  # a dropped key far above the rest
+    w = torch.randn(B, M, Hq, D, **f64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, keep)]
+
+    def ours(q, k, v, keep):
+        if where == "prompt":
+            return _weighted_prompt_attention(q, k, v, keep, 0.4)
+        return _weighted_completion_attention(q, k, v, keep, 0.4)
+
+    def plain(q, k, v, keep):
+        g = Hq // Hkv
+        if where == "prompt":
+            weights = keep[:, None, None, :] * torch.ones(P, P, dtype=q.dtype).tril()
+        else:
+            weights = torch.cat(
+                [keep[:, None, None, :].expand(B, 1, T, P), torch.ones(T, T).tril().expand(B, 1, T, T)],
+                dim=-1,
+            )
+        weights = weights.expand(B, Hkv, M, S)[:, :, None].expand(B, Hkv, g, M, S)
+        folded = q.reshape(B, Hkv, g * M, D)
+        out = autograd_weighted_softmax(folded, k, v, weights.reshape(B, Hkv, g * M, S), 0.4)
+        out = out.view(B, Hq, M, D)
+        if where == "prompt":
+            out = out * keep[:, None, :, None]
+        return out.transpose(1, 2)
+
+    mine = ours(*leaves)
+    grads = torch.autograd.grad((mine * w).sum(), leaves)
+    fresh = [t.clone().requires_grad_(True) for t in (q, k, v, keep)]
+    expected = plain(*fresh)
+    expected_grads = torch.autograd.grad((expected * w).sum(), fresh)
+    torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12)
+    for name, got, want in zip("qkv", grads[:3], expected_grads[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+    torch.testing.assert_close(grads[3], expected_grads[3], rtol=1e-9, atol=1e-11)
+    assert (grads[3][keep == 0] != 0).any(), "dropped keys get a gradient"
+    if where == "prompt":
+        assert (mine[0, :5] == 0).all() and (grads[0][0, :, :5] == 0).all()
+
+
 def pruned_rollout(max_new_tokens, prefill="sparse"):
     """(tiny Qwen2, its prompts, one rollout group at p = 0.6 that really prunes)."""
     from sf_train.rollout import rollout
