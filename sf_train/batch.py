@@ -103,3 +103,86 @@ def sequence_logp(
     if not distribution:
         return logp, entropy
     return logp, entropy, completion_distribution(logits, temperature, suppressed)
+
+
+def _rope_deltas(model) -> Tensor | None:
+    """The mRoPE offsets a Qwen-VL model stored in its last prefill (text positions after the
+    prompt are index + delta), or None for a model without them."""
+    for module in model.modules():
+        deltas = getattr(module, "rope_deltas", None)
+        if isinstance(deltas, Tensor):
+            return deltas
+    return None
+
+
+def _has_rope_deltas_slot(model) -> bool:
+    return any(hasattr(module, "rope_deltas") for module in model.modules())
+
+
+@torch.no_grad()
+def shared_prompt_logits(model, prompts: dict, batch: TrainingBatch) -> Tensor:
+    """logits [N, T, V] at the completion positions of ``batch`` (rows g * B + b: prompt b of
+    ``prompts``, p-major, sf_train/batch.py training_batch) from one forward of the B distinct
+    prompts and one of the N completions over a copy of their cache: the prompt's tokens, the
+    same for every rollout of a group, are computed once instead of N / B times. Equal to the
+    logits of a forward of the whole batch (sequence_logp) up to floating point, for a model
+    whose text positions after the prompt continue from its cache (a decoder's default, and
+    Qwen-VL's mRoPE through its rope_deltas); the trainer checks that once on its first step
+    (docs/design.md#training-batch)."""
+    from transformers import DynamicCache
+
+    from sparse_attn.attention import cache_argument
+
+    P, T = batch.prompt_length, batch.completions.shape[1]
+    B = prompts["input_ids"].shape[0]
+    N = batch.completions.shape[0]
+    if N % B or prompts["input_ids"].shape[1] != P:
+        raise ValueError(
+            f"shared_prompt_logits: batch rows ({N}) must be whole groups of the {B} prompts of "
+            f"length {P}, got prompts of length {prompts['input_ids'].shape[1]}"
+        )
+    argument = cache_argument(model)
+    cache = DynamicCache()
+    out = model(**prompts, use_cache=True, **{argument: cache})
+    rows = torch.arange(N, device=batch.completions.device) % B
+    first = out.logits[:, -1][rows]  # [N, V]: predicts the first completion token
+    if T == 1:
+        return first[:, None]
+    copy = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        copy.update(layer.keys[rows], layer.values[rows], layer_idx)
+    deltas = _rope_deltas(model)
+    extra = {}
+    if deltas is not None:  # mRoPE: positions continue from the prompt's own last position
+        # (rope_deltas = last position + 1 - the prompt's valid length, as generate continues)
+        valid = prompts["attention_mask"].sum(1).to(deltas.device)[rows]
+        steps = torch.arange(T - 1, device=deltas.device)
+        extra["position_ids"] = valid[:, None] + steps[None] + deltas.reshape(-1, 1)[rows]
+    elif _has_rope_deltas_slot(model):
+        raise ValueError("shared_prompt_logits: the model stored no rope_deltas in its prefill")
+    mask = torch.cat(
+        [prompts["attention_mask"][rows], batch.inputs["attention_mask"][:, P : P + T - 1]], dim=1
+    )
+    rest = model(
+        input_ids=batch.completions[:, : T - 1],
+        attention_mask=mask,
+        use_cache=True,
+        **{argument: copy},
+        **extra,
+    ).logits
+    return torch.cat([first[:, None], rest.to(first.dtype)], dim=1)
+
+
+def logp_from_logits(
+    logits: Tensor,
+    completions: Tensor,
+    temperature: float,
+    suppressed: tuple[int, ...],
+    *,
+    distribution: bool = False,
+):
+    """sequence_logp's outputs from the completion positions' logits [N, T, V]."""
+    logp, entropy = completion_logp(logits, completions, temperature, suppressed)
+    if not distribution:
+        return logp, entropy
+    return logp, entropy, completion_distribution(logits, temperature, suppressed)

@@ -30,7 +30,13 @@ from torch import Tensor
 from sparse_attn.attention import visual_token_ids
 
 from . import scale
-from .batch import TrainingBatch, sequence_logp, training_batch
+from .batch import (
+    TrainingBatch,
+    logp_from_logits,
+    sequence_logp,
+    shared_prompt_logits,
+    training_batch,
+)
 from .config import SFConfig
 from .distributed import all_gather_objects, ensure_process_group, mean_over_ranks, shard, world
 from .loss import distillation_kl, grpo_loss, normalize
@@ -117,6 +123,9 @@ class SparsityForcingTrainer:
         self.step = 0
         self.resumed = False
         self.out_dir = Path(config.out_dir)
+        # The reference computes each prompt once per group (shared_prompt_logits) once that is
+        # checked against the whole-batch forward on the first step: None = not yet checked.
+        self.shares_prompts: bool | None = None
 
     def final_model(self):
         """The model to save at the end: the policy; with LoRA, the adapters merged into it
@@ -143,25 +152,61 @@ class SparsityForcingTrainer:
         finally:
             self.policy.train()
 
-    def reference_logp(self, batch: TrainingBatch, distribution: bool = False):
+    def reference_logp(
+        self, batch: TrainingBatch, distribution: bool = False, prompts: dict | None = None
+    ):
         """Log-probs of the completions under the frozen reference (dense attention, no grad);
-        with ``distribution``, (log-probs, the whole log-distribution [N, T, V])."""
+        with ``distribution``, (log-probs, the whole log-distribution [N, T, V]). With
+        ``prompts`` (the B prompts whose groups make the batch's rows), each prompt is computed
+        once, its cache copied to its group's rows (shared_prompt_logits): the first call checks
+        that against the whole-batch forward and, if they differ, keeps the latter for the run."""
         cfg, task = self.config, self.task
+        args = (batch.completions, cfg.temperature, task.suppressed_token_ids)
         with torch.no_grad(), self._reference_model() as reference:
-            out = sequence_logp(
-                reference,
-                batch,
-                cfg.temperature,
-                task.suppressed_token_ids,
-                distribution=distribution,
-            )
+            if prompts is None or self.shares_prompts is False:
+                out = sequence_logp(reference, batch, *args[1:], distribution=distribution)
+            else:
+                logits = shared_prompt_logits(reference, prompts, batch)
+                out = logp_from_logits(logits, *args, distribution=distribution)
+                if self.shares_prompts is None:
+                    full = sequence_logp(reference, batch, *args[1:], distribution=distribution)
+                    same = self._same_logp(out[0], full[0], batch.mask)
+                    # every rank takes the same path (a sharded forward is a collective)
+                    self.shares_prompts = all(all_gather_objects(same))
+                    out = out if self.shares_prompts else full
         return (out[0], out[2]) if distribution else out[0]
 
-    def dense_distillation_target(self, inputs: dict, group: Rollouts, advantages: Tensor):
+    def _same_logp(self, shared: Tensor, full: Tensor, mask: Tensor) -> bool:
+        """Whether the shared-prompt reference reproduces the whole-batch forward's log-probs
+        (to 1e-4 in fp32, 5e-2 in half precision); warns when it does not."""
+        low = self.config.dtype != "float32"
+        gap = float(((shared - full).abs() * mask).max()) if mask.any() else 0.0
+        if gap <= (5e-2 if low else 1e-4):
+            return True
+        warnings.warn(
+            f"the reference's shared-prompt forward differs from the whole-batch forward by "
+            f"{gap:.3g} in log-prob on this model (its positions after a cache?): the reference "
+            "runs every row's prompt for the rest of the run (docs/design.md#training-batch)",
+            stacklevel=3,
+        )
+        return False
+
+    def dense_distillation_target(
+        self,
+        inputs: dict,
+        group: Rollouts,
+        advantages: Tensor,
+        logp_ref_all: Tensor | None = None,
+    ):
         """(the batch of one rollout group's sequences - the grid's top p -, the reference's
-        log-distribution over it) for dense_distillation: computed once a step."""
+        log-distribution over it) for dense_distillation: computed once a step. ``logp_ref_all``:
+        the reference's log-distribution over the step's whole batch, whose last B rows are that
+        group (p-major): taken from it rather than computed again."""
         batch = training_batch(inputs, [group], advantages[:, -1:], self.task.pad_token_id)
-        return batch, self.reference_logp(batch, distribution=True)[1]
+        if logp_ref_all is not None:
+            B, T = batch.completions.shape
+            return batch, logp_ref_all[-B:, :T]
+        return batch, self.reference_logp(batch, distribution=True, prompts=inputs)[1]
 
     def dense_distillation(self, batch: TrainingBatch, logp_ref_all: Tensor) -> Tensor:
         """KL(dense reference || dense policy) over the vocabulary at the completion positions of
@@ -280,11 +325,14 @@ class SparsityForcingTrainer:
 
         batch = training_batch(inputs, groups, advantages, task.pad_token_id)
         distill = cfg.distill_weight > 0
-        logp_ref = self.reference_logp(batch, distribution=distill)
+        logp_ref = self.reference_logp(batch, distribution=distill, prompts=inputs)
+        logp_ref_all = None
         if distill:
             logp_ref, logp_ref_all = logp_ref
         if cfg.distill_dense:  # the reference side once; the policy side in every inner epoch
-            dense_target = self.dense_distillation_target(inputs, groups[-1], advantages)
+            dense_target = self.dense_distillation_target(
+                inputs, groups[-1], advantages, logp_ref_all
+            )
         # Under the sparse prefill the smoothed token ratio scores the replayed forward itself.
         replay_scores = cfg.n_probe if cfg.soft_tau_weight and cfg.prefill == "sparse" else None
         candidates = self.candidate_mask(batch.inputs["input_ids"][:, : batch.prompt_length])

@@ -242,7 +242,10 @@ def test_hand_written_backward_equals_autograd(gen, where):
             weights = keep[:, None, None, :] * torch.ones(P, P, dtype=q.dtype).tril()
         else:
             weights = torch.cat(
-                [keep[:, None, None, :].expand(B, 1, T, P), torch.ones(T, T).tril().expand(B, 1, T, T)],
+                [
+                    keep[:, None, None, :].expand(B, 1, T, P),
+                    torch.ones(T, T).tril().expand(B, 1, T, T),
+                ],
                 dim=-1,
             )
         weights = weights.expand(B, Hkv, M, S)[:, :, None].expand(B, Hkv, g, M, S)

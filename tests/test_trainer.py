@@ -274,3 +274,31 @@ def test_prune_visual_run_on_the_tiny_vlm(tmp_path):
     (metrics,) = trainer.train(progress=False)
     assert all(math.isfinite(v) for v in metrics.values())
     assert abs(metrics["soft_token_ratio"] - metrics["token_ratio"]) < 0.02, metrics
+
+
+def test_reference_shares_each_prompt_once_checked_against_the_whole_batch(tmp_path):
+    """The first step checks the shared-prompt reference against the whole-batch forward and
+    keeps it; both give the same log-probs and distributions."""
+    torch.manual_seed(0)
+    trainer = new_trainer(make_config(tmp_path, steps=1, distill_weight=1.0, distill_dense=True))
+    assert trainer.shares_prompts is None
+    trainer.train(progress=False)
+    assert trainer.shares_prompts is True
+
+
+def test_reference_falls_back_to_the_whole_batch_when_the_shared_prompt_differs(
+    tmp_path, monkeypatch
+):
+    import sf_train.trainer as trainer_module
+
+    real = trainer_module.shared_prompt_logits
+    monkeypatch.setattr(
+        trainer_module, "shared_prompt_logits", lambda *a: real(*a) + torch.randn(real(*a).shape)
+    )
+    torch.manual_seed(0)
+    trainer = new_trainer(make_config(tmp_path, steps=1, distill_weight=1.0))
+    with pytest.warns(UserWarning, match="shared-prompt forward differs"):
+        trainer.train(progress=False)
+    assert trainer.shares_prompts is False
+    monkeypatch.setattr(trainer_module, "shared_prompt_logits", None)  # never called again
+    assert math.isfinite(trainer.train_step()["loss"])
