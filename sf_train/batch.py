@@ -99,24 +99,21 @@ def sequence_logp(
     logits = model(**batch.inputs).logits
     P, T = batch.prompt_length, batch.completions.shape[1]
     logits = logits[:, P - 1 : P - 1 + T]
-    logp, entropy = completion_logp(logits, batch.completions, temperature, suppressed)
-    if not distribution:
-        return logp, entropy
-    return logp, entropy, completion_distribution(logits, temperature, suppressed)
+    return logp_from_logits(
+        logits, batch.completions, temperature, suppressed, distribution=distribution
+    )
 
 
-def _rope_deltas(model) -> Tensor | None:
-    """The mRoPE offsets a Qwen-VL model stored in its last prefill (text positions after the
-    prompt are index + delta), or None for a model without them."""
+def _rope_deltas(model) -> tuple[bool, Tensor | None]:
+    """(whether the model keeps mRoPE offsets, the ones it stored in its last prefill): a Qwen-VL
+    model's text positions after the prompt are index + delta; (False, None) for other models."""
+    has_slot = False
     for module in model.modules():
         deltas = getattr(module, "rope_deltas", None)
         if isinstance(deltas, Tensor):
-            return deltas
-    return None
-
-
-def _has_rope_deltas_slot(model) -> bool:
-    return any(hasattr(module, "rope_deltas") for module in model.modules())
+            return True, deltas
+        has_slot = has_slot or hasattr(module, "rope_deltas")
+    return has_slot, None
 
 
 @torch.no_grad()
@@ -151,14 +148,14 @@ def shared_prompt_logits(model, prompts: dict, batch: TrainingBatch) -> Tensor:
     copy = DynamicCache()
     for layer_idx, layer in enumerate(cache.layers):
         copy.update(layer.keys[rows], layer.values[rows], layer_idx)
-    deltas = _rope_deltas(model)
+    has_slot, deltas = _rope_deltas(model)
     extra = {}
     if deltas is not None:  # mRoPE: positions continue from the prompt's own last position
         # (rope_deltas = last position + 1 - the prompt's valid length, as generate continues)
         valid = prompts["attention_mask"].sum(1).to(deltas.device)[rows]
         steps = torch.arange(T - 1, device=deltas.device)
         extra["position_ids"] = valid[:, None] + steps[None] + deltas.reshape(-1, 1)[rows]
-    elif _has_rope_deltas_slot(model):
+    elif has_slot:
         raise ValueError("shared_prompt_logits: the model stored no rope_deltas in its prefill")
     mask = torch.cat(
         [prompts["attention_mask"][rows], batch.inputs["attention_mask"][:, P : P + T - 1]], dim=1

@@ -161,15 +161,17 @@ class SparsityForcingTrainer:
         once, its cache copied to its group's rows (shared_prompt_logits): the first call checks
         that against the whole-batch forward and, if they differ, keeps the latter for the run."""
         cfg, task = self.config, self.task
-        args = (batch.completions, cfg.temperature, task.suppressed_token_ids)
+        sampling = (cfg.temperature, task.suppressed_token_ids)
         with torch.no_grad(), self._reference_model() as reference:
             if prompts is None or self.shares_prompts is False:
-                out = sequence_logp(reference, batch, *args[1:], distribution=distribution)
+                out = sequence_logp(reference, batch, *sampling, distribution=distribution)
             else:
                 logits = shared_prompt_logits(reference, prompts, batch)
-                out = logp_from_logits(logits, *args, distribution=distribution)
+                out = logp_from_logits(
+                    logits, batch.completions, *sampling, distribution=distribution
+                )
                 if self.shares_prompts is None:
-                    full = sequence_logp(reference, batch, *args[1:], distribution=distribution)
+                    full = sequence_logp(reference, batch, *sampling, distribution=distribution)
                     same = self._same_logp(out[0], full[0], batch.mask)
                     # every rank takes the same path (a sharded forward is a collective)
                     self.shares_prompts = all(all_gather_objects(same))
