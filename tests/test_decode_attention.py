@@ -106,7 +106,17 @@ def test_gqa_without_repeat_kv(device, gen):
 
 def test_scale_and_peaked_logits(device, gen):
     q, k, v, lengths = make_inputs(2, 2, 2, 1, 300, 32, torch.float32, gen)
-    check(device, q * 30, k, v, lengths)  # softmax dominated by one slot: needs the running max
+    # Softmax dominated by one slot: needs the running max. Logits reach ~160 here, and an fp32
+    # logit s carries a rounding of ~|s| * 2^-24 that softmax passes on to the output scaled by
+    # |v|: torch's own fp32 SDPA is off the fp64 result by up to 3.6e-5 on these inputs (300
+    # seeds), so the tolerance follows the logits rather than the default 1e-5.
+    peaked = q * 30
+    logits = (peaked @ k.repeat_interleave(2, dim=1).transpose(-1, -2)).abs().max() / 32**0.5
+    tol = float(logits * v.abs().max()) * 2.0**-21
+    out = sparse_attn.decode_attention(*(t.to(device) for t in (peaked, k, v, lengths))).cpu()
+    expect = ref.decode_attention(peaked.double(), k.double(), v.double(), lengths)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), expect, rtol=0, atol=tol)
     check(device, q, k, v, lengths, scale=0.01)
 
 
