@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from torch import nn
 from test_cache import TEXT, generate, make_inputs, make_model
+from torch import nn
 
 import sparse_attn
 import sparse_attn.reference as ref
