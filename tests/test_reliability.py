@@ -282,7 +282,9 @@ class _BypassConfig(transformers.PretrainedConfig):
 class _BypassAttention(nn.Module):
     """Attention that calls SDPA itself, as some transformers architectures still do: the
     sparse_topp function would never run. Built here rather than taken from transformers, so the
-    test does not depend on which of its models have moved to the AttentionInterface."""
+    test does not depend on which of its models have moved to the AttentionInterface. It is a
+    module-level ``*Attention(nn.Module)`` class because that is what transformers' own check
+    (PreTrainedModel._can_set_attn_implementation) looks for in the model's module source."""
 
     def __init__(self):
         super().__init__()
