@@ -261,6 +261,11 @@ class SFConfig:
         "with a decaying lr_schedule: steps after the warm-up at the peak lr before the decay "
         "starts (warmup-stable-decay); the decay then spans the remaining steps",
     )
+    stable_ratio: float = _field(
+        0.0,
+        "stable_steps as a fraction of steps (floor of stable_ratio * steps), so that a shorter "
+        "or longer run keeps the schedule's shape; set one of stable_steps and stable_ratio",
+    )
     min_lr_ratio: float = _field(0.0, "the decay's final learning rate, as a fraction of lr")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient norm clip")
@@ -336,12 +341,18 @@ class SFConfig:
             raise ValueError(
                 f"SFConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
-        if self.stable_steps < 0 or (
-            self.stable_steps and self.warmup_steps + self.stable_steps >= self.steps
-        ):
+        if not 0.0 <= self.stable_ratio < 1.0 or (self.stable_ratio and self.stable_steps):
             raise ValueError(
-                "SFConfig.stable_steps must be >= 0 and warmup_steps + stable_steps < steps, got "
-                f"{self.stable_steps} (warmup_steps {self.warmup_steps}, steps {self.steps})"
+                "SFConfig.stable_ratio must be in [0, 1) and is set instead of stable_steps, got "
+                f"stable_ratio {self.stable_ratio} with stable_steps {self.stable_steps}"
+            )
+        stable = self.peak_steps
+        if stable < 0 or (stable and self.warmup_steps + stable >= self.steps):
+            raise ValueError(
+                "SFConfig.stable_steps (or stable_ratio * steps) must be >= 0 and warmup_steps + "
+                f"stable steps < steps, got {stable} (stable_steps {self.stable_steps}, "
+                f"stable_ratio {self.stable_ratio}, warmup_steps {self.warmup_steps}, "
+                f"steps {self.steps})"
             )
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(
@@ -434,16 +445,22 @@ class SFConfig:
             )
         self.policy(self.deploy_p)  # TopPPolicy validates the cache fields
 
+    @property
+    def peak_steps(self) -> int:
+        """The warmup-stable-decay schedule's steps at the peak lr after the warm-up:
+        stable_steps, or floor(stable_ratio * steps)."""
+        return self.stable_steps or math.floor(self.stable_ratio * self.steps)
+
     def lr_at(self, step: int) -> float:
         """The learning rate of the update that ends step ``step + 1`` (step counts from 0); the
         decay reaches lr * min_lr_ratio at the last step."""
         return self.lr * lr_factor(
             step,
             warmup_steps=self.warmup_steps,
-            decay_steps=self.steps - 1 - self.warmup_steps - self.stable_steps,
+            decay_steps=self.steps - 1 - self.warmup_steps - self.peak_steps,
             min_lr_ratio=self.min_lr_ratio,
             schedule=self.lr_schedule,
-            stable_steps=self.stable_steps,
+            stable_steps=self.peak_steps,
         )
 
     def replay_gradient(self) -> SelectionGradient | None:

@@ -124,3 +124,23 @@ def test_stable_steps_hold_the_peak_before_the_decay():
     for bad in (dict(stable_steps=-1), dict(stable_steps=8, warmup_steps=2, steps=10)):
         with pytest.raises(ValueError, match="stable_steps"):
             SFConfig(**bad)
+
+
+def test_stable_ratio_scales_the_stable_phase_with_the_run():
+    """stable_ratio is stable_steps as a fraction of steps (floored): the same schedule as the
+    equivalent stable_steps, and a shorter run keeps its shape instead of failing validation."""
+    kw = dict(lr=1.0, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.2)
+    by_ratio = SFConfig(steps=10, stable_ratio=0.35, **kw)
+    by_steps = SFConfig(steps=10, stable_steps=3, **kw)
+    assert by_ratio.peak_steps == 3
+    assert [by_ratio.lr_at(s) for s in range(10)] == [by_steps.lr_at(s) for s in range(10)]
+    assert SFConfig(steps=7, stable_ratio=0.5).peak_steps == 3
+    assert SFConfig(steps=300, stable_ratio=0.5).peak_steps == 150
+    for bad in (
+        dict(stable_ratio=1.0),
+        dict(stable_ratio=-0.1),
+        dict(stable_ratio=0.5, stable_steps=3, steps=10),
+        dict(stable_ratio=0.9, warmup_steps=2, steps=10),
+    ):
+        with pytest.raises(ValueError, match="stable_ratio"):
+            SFConfig(**bad)
